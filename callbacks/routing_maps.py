@@ -1,0 +1,95 @@
+"""Routing maps and routing accuracy in TensorBoard, from the module's public `routing_maps()`."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid
+
+from src.metrics import RoutingAccuracy
+
+log = logging.getLogger(__name__)
+
+# One colour per identity slot (RGB in [0, 1]).
+PALETTE = torch.tensor(
+    [[0.90, 0.10, 0.10], [0.10, 0.45, 0.95], [0.10, 0.80, 0.20], [0.95, 0.75, 0.10], [0.70, 0.20, 0.85]]
+)
+BANDS = {"t<250": (0, 250), "250-500": (250, 500), "500-750": (500, 750), "t>=750": (750, 1000)}
+
+
+def colourise(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, N, h, w) routing weights (or masks) -> (B, 3, H, W) colour image, one colour per identity."""
+    maps = F.interpolate(maps.float(), size=size, mode="nearest")
+    pal = PALETTE[torch.arange(maps.shape[1]) % len(PALETTE)].to(maps)  # (N, 3)
+    return torch.einsum("bnhw,nc->bchw", maps, pal).clamp(0, 1)
+
+
+def routing_panel(image: torch.Tensor, hard: list[torch.Tensor], masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One row per image: the image, its face masks, then the routing map of each chosen layer
+    (each blended 50/50 over the image). image (B,3,H,W) in [-1,1]; returns a (3, H', W') grid."""
+    size = tuple(image.shape[-2:])
+    base = (image.float().cpu() + 1) / 2
+    m = masks.float().cpu() * valid.float().cpu()[..., None, None]
+    tiles = [base, 0.5 * base + 0.5 * colourise(m, size)]
+    tiles += [0.5 * base + 0.5 * colourise(h.float().cpu() * valid.float().cpu()[..., None, None], size) for h in hard]
+    rows = torch.stack(tiles, dim=1).flatten(0, 1)  # (B * (2 + L), 3, H, W)
+    return make_grid(rows, nrow=len(tiles), padding=2, pad_value=1.0)
+
+
+class RoutingMapLogger(L.Callback):
+    """Every `every_n_steps` (stage 2), on a fixed validation batch: logs routing maps of the chosen
+    layers next to the target face masks, and routing accuracy (share of face positions routed to the
+    identity whose mask covers them) overall and per timestep band.
+
+    layers: indices into the module's routed layers (None = all); num_images: rows in the panel.
+    """
+
+    def __init__(self, every_n_steps: int = 500, layers: list[int] | None = None, num_images: int = 4,
+                 band_samples: int = 2, seed: int = 0) -> None:
+        self.every_n_steps, self.layers, self.num_images = every_n_steps, layers, num_images
+        self.band_samples, self.seed = band_samples, seed
+        self._batch: dict[str, Any] | None = None
+
+    def _fixed_batch(self, trainer, pl_module) -> dict[str, Any] | None:
+        if self._batch is None:
+            dm = trainer.datamodule
+            if dm is None or getattr(dm, "val_shards", None) is None:
+                return None
+            self._batch = next(iter(dm.val_dataloader()))
+        return pl_module.transfer_batch_to_device(self._batch, pl_module.device, 0)
+
+    def evaluate(self, pl_module, batch) -> tuple[dict[str, float], dict[str, Any]]:
+        metric = RoutingAccuracy()
+        g = torch.Generator().manual_seed(self.seed)
+        mid = None
+        for lo, hi in BANDS.values():
+            for k in range(self.band_samples):
+                t = int(torch.randint(lo, hi, (1,), generator=g))
+                out = pl_module.routing_maps(batch, t, seed=self.seed + k)
+                if not out["hard"]:
+                    return {}, out
+                for hard in out["hard"]:
+                    metric.update(hard.cpu(), out["masks"].cpu(), out["valid"].cpu(),
+                                  torch.full((hard.shape[0],), t))
+                if lo == 0 and k == 0:
+                    mid = out
+        return {k: float(v) for k, v in metric.compute().items()}, mid
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.stage != 2 or trainer.global_step % self.every_n_steps != 0 or not trainer.is_global_zero:
+            return
+        fixed = self._fixed_batch(trainer, pl_module)
+        if fixed is None:
+            return
+        acc, out = self.evaluate(pl_module, fixed)
+        for band, value in acc.items():
+            pl_module.log(f"routing/acc_{band}", value, rank_zero_only=True)
+        exp = getattr(trainer.logger, "experiment", None)
+        if out and out["hard"] and hasattr(exp, "add_image"):
+            chosen = out["hard"] if self.layers is None else [out["hard"][i] for i in self.layers]
+            n = self.num_images
+            panel = routing_panel(fixed["image"][:n], [h[:n] for h in chosen], out["masks"][:n], out["valid"][:n])
+            exp.add_image("routing/maps", panel, global_step=trainer.global_step)

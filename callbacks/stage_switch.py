@@ -1,0 +1,49 @@
+"""One run, two stages: switch from stage 1 (single ID) to stage 2 (multi ID) at a configured step."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+class StageSwitch(L.Callback):
+    """At the end of the first training epoch whose global step is >= `at_step`: the module moves to
+    stage 2 (routers + multi-ID LoRA trainable, ID embedding frozen), the optimizer is rebuilt with
+    stage-2 parameter groups, and the DataModule moves to multi-identity data (`multi_id_shards`),
+    which the next epoch's dataloader uses (`trainer.reload_dataloaders_every_n_epochs: 1`).
+
+    Switching at an epoch boundary keeps the data stream consistent with checkpoints: a resume on
+    either side of the switch restores the stage from the module's checkpoint section and the data
+    mode from the DataModule's state.
+    """
+
+    def __init__(self, at_step: int, multi_id_shards: str | None = None) -> None:
+        if at_step < 0:
+            raise ValueError(f"StageSwitch.at_step must be >= 0, got {at_step}")
+        self.at_step = at_step
+        self.multi_id_shards = multi_id_shards
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                "StageSwitch needs `trainer.reload_dataloaders_every_n_epochs: 1` so the next epoch "
+                f"loads multi-identity data (got {trainer.reload_dataloaders_every_n_epochs})"
+            )
+        if trainer.datamodule is None or not hasattr(trainer.datamodule, "set_multi_id"):
+            raise ValueError("StageSwitch needs a DataModule with set_multi_id()")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.stage != 1 or trainer.global_step < self.at_step:
+            return
+        log.info("stage switch at step %d: stage 1 -> stage 2", trainer.global_step)
+        pl_module.configure_stage(2)
+        trainer.strategy.setup_optimizers(trainer)
+        trainer.datamodule.set_multi_id(True, self.multi_id_shards)
+        if trainer.is_global_zero:
+            print(f"[stage switch] step {trainer.global_step}: now stage 2 (router + multi-ID LoRA)", flush=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"at_step": self.at_step}

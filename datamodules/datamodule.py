@@ -1,0 +1,176 @@
+"""LightningDataModule streaming face shards for stage 1 (single identity) and stage 2 (multi identity).
+
+Batches follow the contract of `datamodules.loader.collate_faces`. The same DataModule serves both stages:
+`set_multi_id(True, multi_shards)` (called by a stage-switch callback) makes the next `train_dataloader()` stream
+multi-face data with all faces; `state_dict()` records the stage and the shard pattern so a resumed run restores
+them.
+
+Distributed: the rank and world size come from the attached trainer (else torch.distributed, else 0/1) when the
+dataloader is built; shards are shuffled identically on every rank (seed + epoch), split by rank, then by worker,
+so without `resampled` every sample is seen exactly once per epoch across ranks. Ranks may then get different
+numbers of batches; for multi-node training use `resampled=True` with `epoch_length` (batches per rank per epoch),
+which makes every rank draw shards endlessly (seeded per rank/worker) and stop at the same count.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch.distributed as dist
+
+from datamodules.loader import EpochLoader, FaceShardDataset, StreamConfig, make_loader, resolve_shards
+
+log = logging.getLogger(__name__)
+
+
+class FaceShardDataModule(pl.LightningDataModule):
+    """Streams WebDataset face shards (datamodules/schema.py) into batches of the collate contract.
+
+    Args:
+        train_shards: shard pattern: brace expansion, ``::``-joined patterns, a local directory, ``pipe:`` commands.
+        val_shards: optional validation pattern (deterministic: no shuffle, no random crop, own crops).
+        multi_id: stage 2 (all faces up to `max_faces`) instead of stage 1 (the largest face).
+        max_faces: most faces kept per image in stage 2 (the largest; more are dropped and logged once).
+        resolution: output image side R; images are (B, 3, R, R).
+        batch_size: samples per batch.
+        num_workers: DataLoader workers per rank (shards are split between them).
+        shuffle_buffer: samples in the shuffle buffer (<= 1 disables sample shuffling; shards still shuffle).
+        seed: seeds shard order, buffer, crops and reference swaps (same seed -> same batches on CPU).
+        p_other_reference: stage 1 probability of taking the recognition crop from another image of the identity.
+        resampled: draw shards with replacement, endlessly (multi-node); pair with `epoch_length`.
+        epoch_length: batches per epoch on each rank (None: one pass over this rank's shards).
+        random_crop: random face-preserving crops in training (False: the deterministic eval crop).
+    """
+
+    def __init__(
+        self,
+        train_shards: str,
+        val_shards: str | None = None,
+        multi_id: bool = False,
+        max_faces: int = 3,
+        resolution: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        p_other_reference: float = 0.1,
+        resampled: bool = False,
+        epoch_length: int | None = None,
+        random_crop: bool = True,
+    ) -> None:
+        super().__init__()
+        if max_faces < 1:
+            raise ValueError(f"max_faces={max_faces} must be >= 1")
+        if not 0.0 <= p_other_reference <= 1.0:
+            raise ValueError(f"p_other_reference={p_other_reference} must be in [0, 1]")
+        if epoch_length is not None and epoch_length < 1:
+            raise ValueError(f"epoch_length={epoch_length} must be >= 1 or None")
+        self.save_hyperparameters()
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.multi_id = multi_id
+        self.max_faces = max_faces
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.p_other_reference = p_other_reference
+        self.resampled = resampled
+        self.epoch_length = epoch_length
+        self.random_crop = random_crop
+        self._train_urls: list[str] | None = None
+        self._val_urls: list[str] | None = None
+        self._train_loader: EpochLoader | None = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the shard patterns; an empty or non-existent local pattern raises naming it."""
+        self._train_urls = resolve_shards(self.train_shards)
+        self._val_urls = resolve_shards(self.val_shards) if self.val_shards else None
+        rank, world = self.rank_and_world()
+        if not self.resampled and len(self._train_urls) < world * max(1, self.num_workers):
+            log.warning(
+                "%d train shard(s) for %d rank(s) x %d worker(s): some workers get no data; use more shards "
+                "(a multiple of ranks x workers) or resampled=True", len(self._train_urls), world, self.num_workers,
+            )
+
+    def rank_and_world(self) -> tuple[int, int]:
+        """(global rank, world size): the trainer's when attached, else torch.distributed's, else (0, 1)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def set_multi_id(self, multi: bool, train_shards: str | None = None) -> None:
+        """Switch stage (and optionally the training shards); the next `train_dataloader()` uses them."""
+        if train_shards is not None:
+            self._train_urls = resolve_shards(train_shards)  # fail now, naming the pattern, not mid-training
+            self.train_shards = train_shards
+        self.multi_id = bool(multi)
+        log.info("FaceShardDataModule: multi_id=%s, train_shards=%r", self.multi_id, self.train_shards)
+
+    # ------------------------------------------------------------------------------------------ loaders
+    def _stream_config(self, urls: list[str], training: bool) -> StreamConfig:
+        rank, world = self.rank_and_world()
+        return StreamConfig(
+            urls=tuple(urls),
+            multi_id=self.multi_id,
+            max_faces=self.max_faces,
+            resolution=self.resolution,
+            shuffle=training,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            p_other_reference=self.p_other_reference if training else 0.0,
+            resampled=self.resampled and training,
+            random_crop=self.random_crop and training,
+            rank=rank,
+            world_size=world,
+            epoch_batches=self.epoch_length if training else None,
+            batch_size=self.batch_size,
+        )
+
+    def train_dataloader(self) -> EpochLoader:
+        """Shuffled, split by rank and worker, random crops; the current stage's faces per sample."""
+        if self._train_urls is None:
+            self._train_urls = resolve_shards(self.train_shards)
+        dataset = FaceShardDataset(self._stream_config(self._train_urls, training=True), training=True)
+        trainer = getattr(self, "trainer", None)
+        source = (lambda: int(trainer.current_epoch)) if trainer is not None else None
+        self._train_loader = make_loader(dataset, self.batch_size, self.num_workers, epoch_source=source)
+        return self._train_loader
+
+    def val_dataloader(self) -> EpochLoader | list:
+        """Deterministic validation batches (no shuffle, eval crop); [] without val_shards."""
+        if not self.val_shards:
+            return []
+        if self._val_urls is None:
+            self._val_urls = resolve_shards(self.val_shards)
+        dataset = FaceShardDataset(self._stream_config(self._val_urls, training=False), training=False)
+        return make_loader(dataset, self.batch_size, self.num_workers, epoch_source=lambda: 0)
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Stage and data source, saved in checkpoints so a resumed run continues the same stage."""
+        return {
+            "multi_id": self.multi_id,
+            "train_shards": self.train_shards,
+            "val_shards": self.val_shards,
+            "max_faces": self.max_faces,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the stage and shard pattern of `state_dict()` (the next train_dataloader uses them)."""
+        if "multi_id" not in state_dict or "train_shards" not in state_dict:
+            raise KeyError(f"FaceShardDataModule state needs 'multi_id' and 'train_shards', got {sorted(state_dict)}")
+        self.train_shards = state_dict["train_shards"]
+        self.val_shards = state_dict.get("val_shards", self.val_shards)
+        self.max_faces = int(state_dict.get("max_faces", self.max_faces))
+        self.seed = int(state_dict.get("seed", self.seed))
+        self.multi_id = bool(state_dict["multi_id"])
+        self._train_urls = None
+        self._val_urls = None

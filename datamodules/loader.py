@@ -1,0 +1,405 @@
+"""Streaming WebDataset pipeline over face shards (datamodules/schema.py) and the batch collate.
+
+Per worker, the stream is::
+
+    shard URLs --(seeded shard shuffle, identical on every rank)--> split by rank --> split by worker
+      (or, resampled: an endless seeded draw of shards per rank and worker)
+    --> tar samples --> seeded shuffle buffer --> decode_sample --> face selection --> crop --> item
+
+Stage 1 (``multi_id=False``) keeps the largest face; with probability ``p_other_reference`` its recognition crop
+is replaced by a recent crop of the same identity from another image (a small per-worker cache), while the CLIP
+crop always comes from the target. Stage 2 (``multi_id=True``) keeps up to ``max_faces`` faces (the largest).
+A sample that raises ``SampleError`` (or a tar read error) is skipped, counted and logged (rate-limited); items
+carry ``skipped`` = how many samples this worker skipped since its previous item (a worker's last item also
+carries the skips after it), so the module can log skip totals without shared state.
+
+Batch contract of :func:`collate_faces` (B samples, Nmax = most faces in the batch, at least 1)::
+
+    image       float (B, 3, H, W) in [-1, 1]
+    caption     list[str]
+    face_recog  float (B, Nmax, 3, 112, 112) in [-1, 1]   (zeros in padded slots)
+    face_clip   float (B, Nmax, 3, S, S) in [-1, 1]
+    face_masks  float (B, Nmax, H, W) in {0, 1}
+    face_valid  bool  (B, Nmax)
+    identity    list[list[str | None]]  (B lists of Nmax; None when unknown or padded)
+    reference_key list[list[str | None]]  key of the image each recognition crop came from
+    key         list[str]
+    num_faces   long  (B,)
+    skipped     long  (B,)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from datamodules.schema import Sample, SampleError, decode_sample
+from datamodules.transforms import eval_face_crop, random_face_crop
+from src.conventions import FACE_RECOG_SIZE, uint8_to_unit
+
+log = logging.getLogger(__name__)
+
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:, http:, s3:, gs: ... (not a local path)
+
+
+# ---------------------------------------------------------------------------------------------- shard URLs
+def is_local(url: str) -> bool:
+    """True for a plain filesystem path (no `scheme:` prefix, or `file:`)."""
+    return url.startswith("file:") or not _SCHEME.match(url) or os.path.exists(url)
+
+
+def resolve_shards(pattern: str) -> list[str]:
+    """Expand a shard pattern into URLs and check the local ones exist.
+
+    Accepts brace expansion (``train-{000000..000009}.tar``), several patterns joined by ``::``, ``pipe:``
+    commands and remote URLs (passed through unchecked), and a local directory (all ``*.tar`` in it, sorted).
+    Raises FileNotFoundError naming the pattern when it is empty, expands to nothing, or names missing files.
+    """
+    if not pattern or not pattern.strip():
+        raise FileNotFoundError(f"shard pattern is empty ({pattern!r})")
+    urls: list[str] = []
+    for url in wds.shardlists.expand_urls(pattern.strip()):
+        path = url[len("file:"):] if url.startswith("file:") else url
+        if is_local(url) and os.path.isdir(path):
+            found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar"))
+            if not found:
+                raise FileNotFoundError(f"shard pattern {pattern!r}: directory {path!r} holds no .tar shards")
+            urls.extend(found)
+        else:
+            urls.append(url)
+    missing = [u for u in urls if is_local(u) and not os.path.exists(u[len("file:"):] if u.startswith("file:") else u)]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise FileNotFoundError(
+            f"shard pattern {pattern!r}: {len(missing)} of {len(urls)} shard(s) do not exist, e.g. {missing[:3]}{more}"
+        )
+    if not urls:
+        raise FileNotFoundError(f"shard pattern {pattern!r} expands to no shards")
+    return urls
+
+
+def split_by_rank(src: Iterable[Any], rank: int, world_size: int) -> Iterator[Any]:
+    """Every `world_size`-th element starting at `rank` (webdataset.split_by_node with an explicit rank).
+
+    The rank is captured in the main process (Lightning's trainer or torch.distributed) when the dataset is
+    built: inside a DataLoader worker torch.distributed may not be initialised (spawned workers).
+    """
+    return islice(src, rank, None, world_size) if world_size > 1 else iter(src)
+
+
+def worker_info() -> tuple[int, int]:
+    """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+# ---------------------------------------------------------------------------------------------- items
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything a worker needs to build its stream (picklable; rank/world captured at build time)."""
+
+    urls: tuple[str, ...]
+    multi_id: bool = False
+    max_faces: int = 3
+    resolution: int = 512
+    shuffle: bool = True
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    p_other_reference: float = 0.0
+    resampled: bool = False
+    random_crop: bool = True
+    min_crop_scale: float = 0.6
+    rank: int = 0
+    world_size: int = 1
+    epoch_batches: int | None = None  # batches per epoch on this rank (None: until the shards run out)
+    batch_size: int = 1
+    cache_per_identity: int = 4
+    cache_identities: int = 1024
+
+
+class SkipCounter:
+    """Counts skipped samples of one worker and logs them: the first 10 messages, then every 1000th."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.pending = 0  # skipped since the last yielded item
+        self.total = 0
+
+    def skip(self, reason: str) -> None:
+        self.pending += 1
+        self.total += 1
+        if self.total <= 10 or self.total % 1000 == 0:
+            log.warning("%s: skipped sample #%d: %s", self.where, self.total, reason)
+
+    def take(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset error handler: count the failure and continue with the next sample/shard."""
+        self.skip(f"{type(exn).__name__}: {exn}")
+        return True
+
+
+class ReferenceCache:
+    """Recent (key, recognition crop) pairs per identity, for stage 1's other-image references (per worker)."""
+
+    def __init__(self, per_identity: int, max_identities: int) -> None:
+        self.per_identity = per_identity
+        self.max_identities = max_identities
+        self._crops: OrderedDict[str, deque[tuple[str, np.ndarray]]] = OrderedDict()
+
+    def pick_other(self, identity: str, key: str, rng: np.random.Generator) -> tuple[str, np.ndarray] | None:
+        """A cached crop of `identity` from an image other than `key`, or None."""
+        others = [e for e in self._crops.get(identity, ()) if e[0] != key]
+        return others[int(rng.integers(len(others)))] if others else None
+
+    def add(self, identity: str, key: str, crop: np.ndarray) -> None:
+        entries = self._crops.setdefault(identity, deque(maxlen=self.per_identity))
+        entries.append((key, crop))
+        self._crops.move_to_end(identity)
+        while len(self._crops) > self.max_identities:
+            self._crops.popitem(last=False)
+
+
+def _box_area(box: list[float]) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def select_faces(sample: Sample, keep: int) -> tuple[Sample, int]:
+    """Keep the `keep` largest faces (by box area) in their original order; returns (sample, faces dropped)."""
+    n = len(sample.faces)
+    if n <= keep:
+        return sample, 0
+    largest = sorted(range(n), key=lambda i: -_box_area(sample.faces[i].box))[:keep]
+    idx = sorted(largest)
+    sub = replace(
+        sample, faces=[sample.faces[i] for i in idx], masks=sample.masks[idx], recog=sample.recog[idx],
+        clip=sample.clip[idx],
+    )
+    return sub, n - keep
+
+
+def sample_to_item(sample: Sample, cfg: StreamConfig, rng: np.random.Generator, training: bool) -> dict[str, Any]:
+    """Crop/resize a selected Sample into the per-sample item that `collate_faces` batches."""
+    if training and cfg.random_crop:
+        sample = random_face_crop(sample, cfg.resolution, rng, cfg.min_crop_scale)
+    else:
+        sample = eval_face_crop(sample, cfg.resolution)
+    return {
+        "image": sample.image,  # uint8 (R, R, 3)
+        "caption": sample.caption,
+        "recog": sample.recog,  # uint8 (n, 112, 112, 3)
+        "clip": sample.clip,  # uint8 (n, S, S, 3)
+        "masks": sample.masks,  # uint8 (n, R, R)
+        "identity": [f.identity for f in sample.faces],
+        "reference_key": [sample.key] * len(sample.faces),
+        "key": sample.key,
+    }
+
+
+def swap_reference(item: dict[str, Any], cache: ReferenceCache, p: float, rng: np.random.Generator) -> None:
+    """Stage 1: with probability p use another image's recognition crop of the same identity (in place)."""
+    identity = item["identity"][0] if item["identity"] else None
+    if identity is None:
+        return
+    own = item["recog"][0]
+    if p > 0 and rng.uniform() < p:
+        other = cache.pick_other(identity, item["key"], rng)
+        if other is not None:
+            item["recog"] = other[1][None]  # (1, 112, 112, 3)
+            item["reference_key"] = [other[0]]
+    cache.add(identity, item["key"], own)
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+def _seeded_shuffle(src: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Shuffle buffer of `size` items driven by `rng` (deterministic for a seed)."""
+    buf: list[Any] = []
+    for x in src:
+        buf.append(x)
+        if len(buf) >= size:
+            i = int(rng.integers(len(buf)))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _carry_tail_skips(items: Iterator[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Yield items one behind, so the worker's last item also carries the skips that came after it."""
+    prev = None
+    for item in items:
+        if prev is not None:
+            yield prev
+        prev = item
+    if prev is not None:
+        prev["skipped"] += counter.take()
+        yield prev
+
+
+class FaceShardDataset(IterableDataset):
+    """Iterable over face shards; yields per-sample items (see module docstring). `set_epoch` reseeds."""
+
+    def __init__(self, cfg: StreamConfig, training: bool = True) -> None:
+        super().__init__()
+        if not cfg.urls:
+            raise FileNotFoundError("FaceShardDataset: no shard URLs")
+        self.cfg = cfg
+        self.training = training
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """Samples per epoch on this rank; only defined with a fixed epoch length."""
+        if self.cfg.epoch_batches is None:
+            raise TypeError("FaceShardDataset has no length without epoch_length")
+        return self.cfg.epoch_batches * self.cfg.batch_size
+
+    def _shards(self, worker: int, num_workers: int) -> Iterator[dict[str, str]]:
+        cfg = self.cfg
+        if cfg.resampled:
+            rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker, 7])
+            while True:
+                yield {"url": cfg.urls[int(rng.integers(len(cfg.urls)))]}
+        urls = list(cfg.urls)
+        if cfg.shuffle:  # the same permutation on every rank and worker, before splitting
+            np.random.default_rng([cfg.seed, self.epoch, 3]).shuffle(urls)
+        for url in islice(split_by_rank(urls, cfg.rank, cfg.world_size), worker, None, num_workers):
+            yield {"url": url}
+
+    def _worker_cap(self, worker: int, num_workers: int) -> int | None:
+        """Samples this worker yields per epoch: its share of the rank's batches, times the batch size."""
+        if self.cfg.epoch_batches is None:
+            return None
+        e = self.cfg.epoch_batches
+        return (e // num_workers + (1 if worker < e % num_workers else 0)) * self.cfg.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        worker, num_workers = worker_info()
+        where = f"rank {cfg.rank} worker {worker}"
+        counter = SkipCounter(where)
+        rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker, 11])
+        raw: Iterable[dict[str, Any]] = wds.tarfile_to_samples(handler=counter.handler)(self._shards(worker, num_workers))
+        if self.training and cfg.shuffle and cfg.shuffle_buffer > 1:
+            raw = _seeded_shuffle(raw, cfg.shuffle_buffer, rng)
+        items = _carry_tail_skips(self._items(raw, rng, counter, where), counter)
+        cap = self._worker_cap(worker, num_workers)
+        yield from (items if cap is None else islice(items, cap))
+        if counter.total:
+            log.info("%s: %d sample(s) skipped this epoch", where, counter.total)
+
+    def _items(
+        self, raw: Iterable[dict[str, Any]], rng: np.random.Generator, counter: SkipCounter, where: str
+    ) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        keep = cfg.max_faces if cfg.multi_id else 1
+        cache = ReferenceCache(cfg.cache_per_identity, cfg.cache_identities)
+        warned_drop = False
+        for r in raw:
+            try:
+                sample = decode_sample(r)
+            except SampleError as e:
+                counter.skip(str(e))
+                continue
+            if not sample.faces:
+                counter.skip(f"{r.get('__url__', '?')}:{sample.key}: no face")
+                continue
+            sample, dropped = select_faces(sample, keep)
+            if dropped and cfg.multi_id and not warned_drop:
+                warned_drop = True
+                log.warning("%s: %s has %d faces; keeping the %d largest (max_faces). Logged once per worker.",
+                            where, sample.key, keep + dropped, keep)
+            item = sample_to_item(sample, cfg, rng, self.training)
+            if self.training and not cfg.multi_id:
+                swap_reference(item, cache, cfg.p_other_reference, rng)
+            item["skipped"] = counter.take()
+            yield item
+
+
+# ---------------------------------------------------------------------------------------------- collate
+def _resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (n, s, s, 3) -> (n, size, size, 3), bilinear (only when a shard's crop size differs)."""
+    if crops.shape[1] == size:
+        return crops
+    return np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.Resampling.BILINEAR)) for c in crops])
+
+
+def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch per-sample items into the batch contract (module docstring); faces padded to the batch maximum."""
+    b = len(items)
+    n_max = max(1, max(len(it["identity"]) for it in items))
+    res = items[0]["image"].shape[0]
+    clip_size = next((it["clip"].shape[1] for it in items if len(it["clip"])), FACE_RECOG_SIZE)
+    image = uint8_to_unit(np.stack([it["image"] for it in items]))  # (B, 3, H, W)
+    recog = torch.zeros(b, n_max, 3, FACE_RECOG_SIZE, FACE_RECOG_SIZE)  # (B, Nmax, 3, 112, 112)
+    clip = torch.zeros(b, n_max, 3, clip_size, clip_size)  # (B, Nmax, 3, S, S)
+    masks = torch.zeros(b, n_max, res, res)  # (B, Nmax, H, W)
+    valid = torch.zeros(b, n_max, dtype=torch.bool)
+    identity: list[list[str | None]] = []
+    reference: list[list[str | None]] = []
+    for i, it in enumerate(items):
+        n = len(it["identity"])
+        if n:
+            recog[i, :n] = uint8_to_unit(it["recog"])
+            clip[i, :n] = uint8_to_unit(_resize_crops(it["clip"], clip_size))
+            masks[i, :n] = torch.from_numpy(it["masks"].astype(np.float32))
+            valid[i, :n] = True
+        identity.append(list(it["identity"]) + [None] * (n_max - n))
+        reference.append(list(it["reference_key"]) + [None] * (n_max - n))
+    return {
+        "image": image,
+        "caption": [it["caption"] for it in items],
+        "face_recog": recog,
+        "face_clip": clip,
+        "face_masks": masks,
+        "face_valid": valid,
+        "identity": identity,
+        "reference_key": reference,
+        "key": [it["key"] for it in items],
+        "num_faces": torch.tensor([len(it["identity"]) for it in items], dtype=torch.long),
+        "skipped": torch.tensor([it["skipped"] for it in items], dtype=torch.long),
+    }
+
+
+class EpochLoader(DataLoader):
+    """DataLoader that tells its FaceShardDataset the epoch before each pass (new shuffle, same seed).
+
+    `epoch_source` (e.g. ``lambda: trainer.current_epoch``) gives the epoch; without it, passes are counted.
+    Workers are not persistent, so every pass ships the updated epoch to fresh workers.
+    """
+
+    def __init__(self, dataset: FaceShardDataset, epoch_source: Callable[[], int] | None = None, **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.epoch_source = epoch_source
+        self.passes = 0
+
+    def __iter__(self):  # type: ignore[override]
+        epoch = self.epoch_source() if self.epoch_source is not None else self.passes
+        self.dataset.set_epoch(epoch)
+        self.passes += 1
+        return super().__iter__()
+
+
+def make_loader(
+    dataset: FaceShardDataset, batch_size: int, num_workers: int, epoch_source: Callable[[], int] | None = None
+) -> EpochLoader:
+    """The DataLoader over a FaceShardDataset with `collate_faces` (no sampler: the dataset splits itself)."""
+    return EpochLoader(
+        dataset, epoch_source=epoch_source, batch_size=batch_size, num_workers=num_workers,
+        collate_fn=collate_faces, persistent_workers=False, pin_memory=False,
+    )

@@ -1,0 +1,55 @@
+"""Tensor conventions, defined once and imported everywhere else.
+
+- Images:          float32 (B, 3, H, W), RGB, range [-1, 1].
+- Face masks:      float32 (B, N, H, W) in {0, 1}, at image resolution, one per identity slot.
+- Face validity:   bool (B, N); padded identity slots are False and are never routed to.
+- Recognition crop: (B, N, 3, 112, 112) in [-1, 1], similarity-aligned to ARCFACE_TEMPLATE_112.
+- CLIP crop:       (B, N, 3, S, S) in [-1, 1]; `to_clip_pixels` normalises for the CLIP tower.
+- Identity labels: long (B, N), -1 when unknown.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FACE_RECOG_SIZE = 112
+CLIP_CROP_SIZE = 224  # SD1.5 scale; the tiny preset resizes to its own tower's image size
+
+# Standard ArcFace 5-point template (left eye, right eye, nose, left mouth, right mouth) for 112x112.
+ARCFACE_TEMPLATE_112 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+
+# OpenAI / OpenCLIP image normalisation.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_clip_pixels(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[-1, 1] images (..., 3, H, W) -> CLIP-normalised pixels (..., 3, size, size), bilinear resize."""
+    lead = x.shape[:-3]
+    x = x.reshape(-1, *x.shape[-3:])
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    x = ((x + 1) / 2 - mean) / std
+    return x.reshape(*lead, *x.shape[-3:])
+
+
+def to_recog_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] face crops (..., 3, H, W) -> (..., 3, 112, 112) for the recognition backbone."""
+    lead = x.shape[:-3]
+    x = x.reshape(-1, *x.shape[-3:])
+    if x.shape[-1] != FACE_RECOG_SIZE or x.shape[-2] != FACE_RECOG_SIZE:
+        x = torch.nn.functional.interpolate(
+            x, size=(FACE_RECOG_SIZE, FACE_RECOG_SIZE), mode="bilinear", align_corners=False
+        )
+    return x.reshape(*lead, *x.shape[-3:])
+
+
+def uint8_to_unit(x: np.ndarray) -> torch.Tensor:
+    """HWC (or NHWC) uint8 array -> CHW (or NCHW) float tensor in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(127.5).sub_(1.0)
+    return t.movedim(-1, -3)

@@ -1,0 +1,243 @@
+"""Face detection, largest-face selection, aligned crops and box masks for real photographs.
+
+Shared by `datamodules.prepare` (shard preparation), the inference pipeline and the metrics.
+
+Detection uses facenet-pytorch's MTCNN (its P/R/O-net weights ship inside the wheel, nothing is
+downloaded). Coordinates are pixels of the image given to `detect`; boxes are ``[x0, y0, x1, y1]``
+and the five landmarks follow `src.conventions.ARCFACE_TEMPLATE_112`'s order: left eye, right eye,
+nose, left mouth corner, right mouth corner, where left/right are the image's left/right.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from src.alignment import align_face
+from src.conventions import CLIP_CROP_SIZE, FACE_RECOG_SIZE
+
+
+class NoFaceError(ValueError):
+    """No face was found in an image; the message names the image's source."""
+
+
+class UnreadableImageError(ValueError):
+    """A file or byte string that is not a readable image; the message names the source."""
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    """One detected face.
+
+    box: float32 (4,) ``[x0, y0, x1, y1]`` in pixels.
+    landmarks: float32 (5, 2) ``(x, y)``: left eye, right eye, nose, left mouth, right mouth.
+    prob: detection probability in [0, 1].
+    """
+
+    box: np.ndarray
+    landmarks: np.ndarray
+    prob: float
+
+    @property
+    def width(self) -> float:
+        return float(self.box[2] - self.box[0])
+
+    @property
+    def height(self) -> float:
+        return float(self.box[3] - self.box[1])
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+    @property
+    def short_side(self) -> float:
+        """The box's shorter side in pixels (what `min_size` filters on)."""
+        return min(self.width, self.height)
+
+    def shifted(self, dx: float, dy: float) -> "DetectedFace":
+        """The same face with coordinates translated by (dx, dy)."""
+        off = np.array([dx, dy], dtype=np.float32)
+        return DetectedFace(self.box + np.tile(off, 2), self.landmarks + off, self.prob)
+
+    def clipped(self, h: int, w: int) -> "DetectedFace":
+        """The same face with its box clipped to an (h, w) image (landmarks untouched)."""
+        box = np.clip(self.box, 0, [w, h, w, h]).astype(np.float32)
+        return DetectedFace(box, self.landmarks, self.prob)
+
+
+def _as_uint8_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{what}: expected a uint8 (H, W, 3) array, got {image.dtype} {image.shape}")
+    return image
+
+
+def sort_by_area(faces: list[DetectedFace]) -> list[DetectedFace]:
+    """Largest box first; ties keep the detector's order."""
+    return sorted(faces, key=lambda f: -f.area)
+
+
+def filter_faces(faces: list[DetectedFace], min_prob: float = 0.0, min_size: float = 0.0) -> list[DetectedFace]:
+    """Faces with prob >= min_prob and a box whose shorter side is >= min_size pixels."""
+    return [f for f in faces if f.prob >= min_prob and f.short_side >= min_size]
+
+
+class FaceDetector:
+    """MTCNN face detector (facenet-pytorch, keep_all=True), CPU by default.
+
+    Args:
+        min_prob: faces below this detection probability are dropped by `detect`.
+        min_size: faces whose box's shorter side is below this many pixels are dropped by `detect`.
+        device: torch device for the three MTCNN networks.
+        mtcnn_min_face_size: smallest face MTCNN's image pyramid searches for (pixels).
+        thresholds: MTCNN's P/R/O-net score thresholds.
+    """
+
+    def __init__(
+        self,
+        min_prob: float = 0.9,
+        min_size: float = 0.0,
+        device: str | torch.device = "cpu",
+        mtcnn_min_face_size: int = 20,
+        thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+    ) -> None:
+        from facenet_pytorch import MTCNN  # heavy import kept local to the detector
+
+        self.min_prob = float(min_prob)
+        self.min_size = float(min_size)
+        self.device = torch.device(device)
+        self.mtcnn = MTCNN(
+            keep_all=True,
+            select_largest=True,
+            min_face_size=mtcnn_min_face_size,
+            thresholds=list(thresholds),
+            device=self.device,
+        ).eval()
+
+    def detect_raw(self, image: np.ndarray) -> list[DetectedFace]:
+        """All MTCNN detections of a uint8 (H, W, 3) image, largest first, unfiltered."""
+        image = _as_uint8_rgb(image)
+        boxes, probs, points = self.mtcnn.detect(Image.fromarray(image), landmarks=True)
+        if boxes is None:  # facenet-pytorch returns None (not an empty array) when nothing is found
+            return []
+        # facenet-pytorch 2.5.3 with numpy 2 returns object arrays: convert explicitly.
+        boxes = np.asarray(boxes.tolist(), dtype=np.float32).reshape(-1, 4)  # (F, 4)
+        points = np.asarray(points.tolist(), dtype=np.float32).reshape(-1, 5, 2)  # (F, 5, 2)
+        probs = np.asarray(list(probs), dtype=np.float32).reshape(-1)  # (F,)
+        faces = [DetectedFace(b, p, float(s)) for b, p, s in zip(boxes, points, probs)]
+        return sort_by_area(faces)
+
+    def detect(self, image: np.ndarray) -> list[DetectedFace]:
+        """Detections of a uint8 (H, W, 3) image that pass min_prob and min_size, largest first."""
+        return filter_faces(self.detect_raw(image), self.min_prob, self.min_size)
+
+
+def pad_image(image: np.ndarray, factor: float, mode: str = "constant") -> tuple[np.ndarray, int, int]:
+    """Pad a (H, W, 3) image to about `factor` times its size, centred.
+
+    Returns the padded image and the (left, top) offsets of the original inside it.
+    mode: "constant" (black border) or "reflect".
+    """
+    if mode not in ("constant", "reflect"):
+        raise ValueError(f"pad mode must be 'constant' or 'reflect', got {mode!r}")
+    h, w = image.shape[:2]
+    top = int(round(h * (factor - 1) / 2))
+    left = int(round(w * (factor - 1) / 2))
+    if mode == "reflect":  # numpy's reflect needs pad < size
+        top, left = min(top, h - 1), min(left, w - 1)
+    padded = np.pad(image, ((top, top), (left, left), (0, 0)), mode=mode)
+    return padded, left, top
+
+
+def detect_with_retry(
+    image: np.ndarray,
+    detector: FaceDetector,
+    pad_retry: float = 1.25,
+    pad_mode: str = "constant",
+    filtered: bool = True,
+) -> list[DetectedFace]:
+    """Detect faces; if none, retry once on a padded copy (faces cut by the border) and map back.
+
+    Boxes found on the padded copy are translated back and clipped to the original image.
+    pad_retry <= 1 disables the retry. `filtered=False` returns raw detections.
+    """
+    detect = detector.detect if filtered else detector.detect_raw
+    faces = detect(image)
+    if faces or pad_retry <= 1.0:
+        return faces
+    padded, left, top = pad_image(image, pad_retry, pad_mode)
+    h, w = image.shape[:2]
+    return [f.shifted(-left, -top).clipped(h, w) for f in detect(padded)]
+
+
+def largest_face(
+    image: np.ndarray,
+    detector: FaceDetector,
+    pad_retry: float = 1.25,
+    source: str = "<image>",
+    pad_mode: str = "constant",
+) -> DetectedFace:
+    """The largest face passing the detector's filters; raises NoFaceError naming `source`."""
+    faces = detect_with_retry(image, detector, pad_retry, pad_mode)
+    if not faces:
+        raise NoFaceError(
+            f"{source}: no face found (min_prob={detector.min_prob}, min_size={detector.min_size}, "
+            f"retried with {pad_retry}x padding)"
+        )
+    return faces[0]
+
+
+def crops_for(
+    image: np.ndarray, face: DetectedFace, clip_size: int = CLIP_CROP_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned crops of one face: recognition uint8 (112, 112, 3) and CLIP uint8 (S, S, 3).
+
+    Both are the same similarity alignment of the five landmarks to ARCFACE_TEMPLATE_112 (scaled
+    to the crop size), so the CLIP crop covers the same field of view at higher resolution.
+    """
+    image = _as_uint8_rgb(image)
+    recog = align_face(image, face.landmarks, FACE_RECOG_SIZE)  # (112, 112, 3)
+    clip = align_face(image, face.landmarks, clip_size)  # (S, S, 3)
+    return recog, clip
+
+
+def box_mask(h: int, w: int, box: np.ndarray | list[float]) -> np.ndarray:
+    """uint8 (h, w) mask, 1 on the pixels covered by box ``[x0, y0, x1, y1]`` (clipped), else 0."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    c0, r0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+    c1, r1 = min(int(np.ceil(x1)), w), min(int(np.ceil(y1)), h)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    if c1 > c0 and r1 > r0:
+        mask[r0:r1, c0:c1] = 1
+    return mask
+
+
+def _open_rgb(fp: str | Path | io.BytesIO, source: str) -> np.ndarray:
+    try:
+        with Image.open(fp) as img:
+            img.load()  # force decoding now: truncated files fail here, not later
+            img = ImageOps.exif_transpose(img)
+            return np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise UnreadableImageError(f"{source}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as uint8 (H, W, 3) RGB (EXIF orientation applied).
+
+    Raises UnreadableImageError naming the file for missing, truncated or non-image files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImageError(f"{path}: no such file")
+    return _open_rgb(path, str(path))
+
+
+def decode_rgb(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """Decode encoded image bytes as uint8 (H, W, 3) RGB; UnreadableImageError names `source`."""
+    return _open_rgb(io.BytesIO(data), source)

@@ -1,0 +1,343 @@
+"""UniPortraitModule: the two-stage UniPortrait training recipe as a LightningModule.
+
+Stage 1 (single ID): train the ID embedding (MLPs + Q-Former), the face-ID projections of every
+cross-attention layer and the `single_id` LoRA with the epsilon-prediction loss.
+Stage 2 (multi ID): freeze the ID embedding; train the routers and the `multi_id` LoRA (initialised
+from `single_id`, learning rate x `stage2_lora_lr_scale`) with diffusion + routing loss.
+
+The networks come from `components` (local files); nothing here is SD1.5-specific: every dimension
+is read from the UNet's and encoders' configs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from src.models import adapters
+from src.models.context import FaceIDContext, RoutingRecord
+from src.models.id_embedding import IDEmbedding
+from src.models.identity_encoder import IdentityEncoder
+from src.models.presets import ComponentPaths
+from src.models.router import routing_loss
+
+log = logging.getLogger(__name__)
+
+SINGLE, MULTI = "single_id", "multi_id"
+# Checkpoints keep only the adapter weights (never the frozen base networks).
+_ADAPTER_PREFIXES = ("identity.embedding.",)
+
+
+@dataclass
+class QFormerSpec:
+    """Architecture and training-time regularisers of the ID embedding module (paper: 6 x 16 x 768)."""
+
+    depth: int = 6
+    num_queries: int = 16
+    width: int = 768
+    heads: int = 12
+    dim_head: int = 64
+    ff_mult: int = 4
+    p_drop_path: float = 0.33
+    p_drop_token: float = 0.33
+    token_drop_rate: float = 0.5
+
+
+def _adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, weight_decay=1e-2)
+
+
+class UniPortraitModule(L.LightningModule):
+    """Args:
+    components: where the frozen base networks come from (local files).
+    stage: 1 (single ID) or 2 (multi ID); the stage-switch callback moves 1 -> 2 mid-run.
+    lora_rank: LoRA rank of both adapters (128 at SD1.5 scale).
+    qformer: ID embedding architecture and DropToken / DropPath rates.
+    lr: base learning rate of every parameter group.
+    lora_lr_scale: LoRA group multiplier in stage 1.
+    stage2_lora_lr_scale: LoRA group multiplier in stage 2 (paper: 0.1).
+    optimizer: optimizer factory, called with the named parameter groups.
+    p_drop_face: share of samples that drop the face condition (CFG's unconditional branch).
+    routing_lambda: weight of the routing regularisation loss (paper: 0.1).
+    gumbel_tau: Gumbel-softmax temperature of the router during training.
+    faceid_scale: face-ID attention scale during training.
+    init_from: a checkpoint of this module whose adapter weights start this run (e.g. stage 2 from a
+        stage-1 run: the multi-ID LoRA is then initialised from its single-ID LoRA).
+    """
+
+    def __init__(
+        self,
+        components: ComponentPaths,
+        stage: int = 1,
+        lora_rank: int = 128,
+        qformer: QFormerSpec = QFormerSpec(),
+        lr: float = 1e-5,
+        lora_lr_scale: float = 1.0,
+        stage2_lora_lr_scale: float = 0.1,
+        optimizer: OptimizerCallable = _adamw,
+        p_drop_face: float = 0.05,
+        routing_lambda: float = 0.1,
+        gumbel_tau: float = 1.0,
+        faceid_scale: float = 1.0,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        self.save_hyperparameters(ignore=["components", "optimizer", "qformer"])
+        self.hparams["qformer"] = asdict(qformer)  # plain types: checkpoints load with weights_only=True
+        self.optimizer_factory = optimizer
+        self.strict_loading = False  # checkpoints hold adapters only; see on_load_checkpoint
+
+        nets = components.build()
+        self.unet, self.vae, self.text_encoder = nets.unet, nets.vae, nets.text_encoder
+        self.tokenizer, self.scheduler = nets.tokenizer, nets.scheduler
+        cross_dim = self.unet.config.cross_attention_dim
+        embedding = IDEmbedding(
+            id_dim=nets.face.intrinsic_dim,
+            structure_dim=nets.face.structure_dim + nets.clip.width,
+            width=qformer.width,
+            output_dim=cross_dim,
+            depth=qformer.depth,
+            num_queries=qformer.num_queries,
+            heads=qformer.heads,
+            dim_head=qformer.dim_head,
+            ff_mult=qformer.ff_mult,
+            p_drop_path=qformer.p_drop_path,
+            p_drop_token=qformer.p_drop_token,
+            token_drop_rate=qformer.token_drop_rate,
+        )
+        self.identity = IdentityEncoder(nets.face, nets.clip, embedding)
+        adapters.install_faceid_processors(self.unet, id_dim=cross_dim, num_tokens=qformer.num_queries)
+        adapters.add_lora(self.unet, SINGLE, rank=lora_rank)
+        self.stage = 0
+        self.configure_stage(1)
+        if init_from:
+            self.load_adapter_checkpoint(init_from)
+        self.configure_stage(stage)
+
+    # ------------------------------------------------------------------ stages
+    def configure_stage(self, stage: int) -> None:
+        """Set trainable parameters, the active LoRA and routers for `stage` (idempotent)."""
+        if stage == 2 and not adapters.router_parameters(self.unet):
+            adapters.add_routers(self.unet)
+            adapters.add_lora(self.unet, MULTI, rank=self.hparams.lora_rank, init_from=SINGLE)
+            self.unet.to(self.device)
+        if stage == 1:
+            adapters.set_active_lora(self.unet, SINGLE)
+            adapters.set_trainable(self.unet, faceid=True, router=False, lora=SINGLE)
+            self.identity.embedding.requires_grad_(True)
+        else:
+            adapters.set_active_lora(self.unet, MULTI)
+            adapters.set_trainable(self.unet, faceid=False, router=True, lora=MULTI)
+            self.identity.embedding.requires_grad_(False)
+        self.stage = stage
+        self.train(self.training)  # re-apply eval mode to whatever is frozen now
+
+    def train(self, mode: bool = True) -> "UniPortraitModule":
+        super().train(mode)
+        for frozen in (self.vae, self.text_encoder):
+            frozen.eval()
+        if self.stage == 2:
+            self.identity.embedding.eval()  # frozen in stage 2: no DropToken / DropPath
+        return self
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Named optimizer parameter groups of the current stage (trainable parameters only)."""
+        lr = self.hparams.lr
+        if self.stage == 1:
+            groups = {
+                "id_embedding": (dict(self.identity.embedding.named_parameters()), lr),
+                "faceid_attention": (adapters.faceid_parameters(self.unet), lr),
+                "lora_single_id": (adapters.lora_parameters(self.unet, SINGLE), lr * self.hparams.lora_lr_scale),
+            }
+        else:
+            groups = {
+                "router": (adapters.router_parameters(self.unet), lr),
+                "lora_multi_id": (
+                    adapters.lora_parameters(self.unet, MULTI),
+                    lr * self.hparams.stage2_lora_lr_scale,
+                ),
+            }
+        return [
+            {"name": name, "params": list(params.values()), "lr": group_lr}
+            for name, (params, group_lr) in groups.items()
+            if params
+        ]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = self.param_groups()
+        n_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        n_grouped = sum(p.numel() for g in groups for p in g["params"])
+        if n_trainable != n_grouped:
+            raise RuntimeError(f"optimizer groups hold {n_grouped} parameters but {n_trainable} are trainable")
+        summary = ", ".join(f"{g['name']}={sum(p.numel() for p in g['params']):,} (lr {g['lr']:.2e})" for g in groups)
+        log.info("stage %d trainable parameters: %s; total %s", self.stage, summary, f"{n_trainable:,}")
+        return self.optimizer_factory(groups)
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_images(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f) (posterior mode: deterministic)."""
+        latents = self.vae.encode(image).latent_dist.mode()
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]  # (B, 77, D)
+
+    def identity_tokens(
+        self, recog: torch.Tensor, clip_crop: torch.Tensor, valid: torch.Tensor, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-slot identity tokens. recog (B, N, 3, 112, 112), clip_crop (B, N, 3, S, S), valid (B, N)
+        -> (B, N, Q, D); padded slots stay zero (and are never routed to)."""
+        b, n = valid.shape
+        flat = valid.flatten()  # (B*N,)
+        face_drop = None if drop is None else drop[:, None].expand(b, n).flatten()[flat]
+        tokens = self.identity(
+            recog.flatten(0, 1)[flat][:, None], clip_crop.flatten(0, 1)[flat][:, None], drop=face_drop
+        )  # (M, Q, D)
+        out = tokens.new_zeros(b * n, *tokens.shape[1:])
+        out[flat] = tokens
+        return out.view(b, n, *tokens.shape[1:])
+
+    def _context(self, tokens: torch.Tensor, valid: torch.Tensor, latents: torch.Tensor, record: RoutingRecord | None):
+        return FaceIDContext(
+            tokens=tokens,
+            latent_hw=tuple(latents.shape[-2:]),
+            valid=valid,
+            scale=self.hparams.faceid_scale,
+            gumbel_tau=self.hparams.gumbel_tau if (self.training and self.stage == 2) else None,
+            record=record,
+        )
+
+    def _denoise(self, noisy, t, text, ctx) -> torch.Tensor:
+        return self.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs={"faceid": ctx}).sample
+
+    # ------------------------------------------------------------------ training
+    def _sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None):
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        t = torch.randint(
+            0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
+        )
+        return noise, t, self.scheduler.add_noise(latents, noise, t)
+
+    def shared_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        latents = self.encode_images(batch["image"])  # (B, 4, h, w)
+        text = self.encode_text(batch["caption"])
+        valid = batch["face_valid"]
+        drop = None
+        if self.training and self.stage == 1 and self.hparams.p_drop_face > 0:
+            drop = torch.rand(valid.shape[0], device=self.device) < self.hparams.p_drop_face
+        tokens = self.identity_tokens(batch["face_recog"], batch["face_clip"], valid, drop)
+        noise, t, noisy = self._sample_noise(latents)
+        record = RoutingRecord() if self.stage == 2 else None
+        pred = self._denoise(noisy, t, text, self._context(tokens, valid, latents, record))
+        out = {"diffusion": F.mse_loss(pred.float(), noise.float())}
+        if record is not None:
+            out["routing"] = (
+                routing_loss(record.probs, batch["face_masks"], valid, lam=self.hparams.routing_lambda)
+                if record.probs
+                else pred.new_zeros(())
+            )
+        out["loss"] = sum(v for k, v in out.items())
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.shared_step(batch)
+        bs = batch["image"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, batch_size=bs)
+        self.log("train/stage", float(self.stage), batch_size=bs)
+        if "skipped" in batch:
+            self.log("data/skipped", batch["skipped"].sum().float(), reduce_fx="sum", batch_size=bs)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        own, other = self.identity_gap(batch, generator=g)
+        bs = batch["image"].shape[0]
+        self.log_dict({"val/loss_own_id": own, "val/loss_other_id": other}, batch_size=bs, sync_dist=True)
+
+    # ------------------------------------------------------------------ public probes (callbacks use these)
+    @torch.no_grad()
+    def identity_gap(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoising loss with each image's own identity vs. another image's identity (same noise and
+        timesteps). The identity pathway carries identity when own < other."""
+        latents = self.encode_images(batch["image"])
+        text = self.encode_text(batch["caption"])
+        valid = batch["face_valid"]
+        tokens = self.identity_tokens(batch["face_recog"], batch["face_clip"], valid)
+        noise, t, noisy = self._sample_noise(latents, generator)
+        losses = []
+        for tok in (tokens, tokens.roll(1, dims=0)):
+            pred = self._denoise(noisy, t, text, self._context(tok, valid, latents, None))
+            losses.append(F.mse_loss(pred.float(), noise.float()))
+        return losses[0], losses[1]
+
+    @torch.no_grad()
+    def routing_maps(self, batch: dict[str, Any], timesteps: torch.Tensor | int, seed: int = 0) -> dict[str, Any]:
+        """Inference-mode routing of one denoising forward at `timesteps` (int or (B,)).
+
+        Returns {"names": [layer names], "hard": [(B, N, h, w) one-hot], "probs": [(B, N, h, w)],
+        "masks": (B, N, H, W) target face masks, "valid": (B, N)}. Callbacks use only this.
+        """
+        was_training = self.training
+        self.eval()
+        latents = self.encode_images(batch["image"])
+        text = self.encode_text(batch["caption"])
+        valid = batch["face_valid"]
+        tokens = self.identity_tokens(batch["face_recog"], batch["face_clip"], valid)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+        t = torch.as_tensor(timesteps, device=self.device).long().expand(latents.shape[0])
+        record = RoutingRecord()
+        self._denoise(self.scheduler.add_noise(latents, noise, t), t, text, self._context(tokens, valid, latents, record))
+        self.train(was_training)
+        return {"names": list(record.names), "hard": list(record.hard), "probs": list(record.probs),
+                "masks": batch["face_masks"], "valid": valid}
+
+    # ------------------------------------------------------------------ checkpoints: adapters only
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {f"identity.embedding.{k}": v for k, v in self.identity.embedding.state_dict().items()}
+        sd.update({f"unet.{k}": v for k, v in adapters.adapter_state_dict(self.unet).items()})
+        return sd
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v.detach().clone() for k, v in self.adapter_state_dict().items()}
+        checkpoint["uniportrait"] = {"stage": self.stage, "format": 1}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any], source: str = "checkpoint") -> None:
+        """Rebuild the checkpoint's stage (routers, multi-ID LoRA) before Lightning loads the weights."""
+        meta = checkpoint.get("uniportrait")
+        if meta is None:
+            raise ValueError(f"{source}: not a UniPortrait checkpoint (no 'uniportrait' section)")
+        self.configure_stage(int(meta["stage"]))
+        expected = set(self.adapter_state_dict())
+        got = set(checkpoint.get("state_dict", {}))
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{source} does not match the model: missing {missing[:5]} ({len(missing)}), "
+                f"unexpected {unexpected[:5]} ({len(unexpected)})"
+            )
+
+    def load_adapter_checkpoint(self, path: str | Path) -> None:
+        """Load the adapter weights of a checkpoint written by this module (weights_only pickle)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.init_from: checkpoint not found: '{path}'")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        self.on_load_checkpoint(checkpoint, source=str(path))
+        self.load_state_dict(checkpoint["state_dict"], strict=False)
+        log.info("loaded adapter weights of stage %d from %s", self.stage, path)

@@ -1,0 +1,195 @@
+"""The embedded default: a miniature, offline SD1.5 world written to disk in the real formats.
+
+`python -m src.tiny --out artifacts/tiny` makes, deterministically from a seed:
+  data/            synthetic identity shards (datamodules.synthetic), single- and multi-face
+  base/            a diffusers model directory: tiny UNet, VAE, CLIP text encoder, tokenizer
+                   (SD1.5's BPE, from open_clip's bundled vocabulary), SD1.5's DDPM scheduler
+  clip.safetensors a tiny OpenCLIP model in open_clip's checkpoint format
+  face_backbone.safetensors  a tiny IR-18 in the TFace layout
+Like the real parts they stand in for, the VAE, the UNet and the face backbone are *pretrained*
+(briefly, on the synthetic images: reconstruction, text-conditional denoising, margin-based
+identity classification) before UniPortrait training freezes them. Each step is skipped when its
+output exists (delete the folder to rebuild).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from datamodules.schema import decode_sample
+from datamodules.synthetic import SyntheticConfig, generate, render_identity_crops
+from src.conventions import uint8_to_unit
+from src.models import presets
+from src.models.face_backbone import IRBackbone
+from src.models.face_pretrain import evaluate_verification, pretrain_recognition
+
+log = logging.getLogger("src.tiny")
+
+
+def _load_images(pattern: str, limit: int) -> tuple[torch.Tensor, list[str]]:
+    """First `limit` images (N, 3, H, W) in [-1, 1] and captions of a shard pattern."""
+    images, captions = [], []
+    for raw in wds.WebDataset(pattern, shardshuffle=False, empty_check=False):
+        s = decode_sample(raw)
+        images.append(uint8_to_unit(s.image))
+        captions.append(s.caption)
+        if len(images) >= limit:
+            break
+    return torch.stack(images), captions
+
+
+def pretrain_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> float:
+    """Reconstruction + small KL pretraining; sets scaling_factor so latents have unit std."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    vae.train()
+    bar = tqdm(range(steps), desc="pretrain tiny VAE", leave=False)
+    for _ in bar:
+        x = images[torch.randint(0, len(images), (batch_size,), generator=g)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, min(len(images), 512), 64)])
+    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+    return float(loss)
+
+
+def pretrain_unet(
+    unet, vae, text_encoder, tokenizer, scheduler, images, captions, steps: int, batch_size: int = 32,
+    lr: float = 1e-3, seed: int = 0,
+) -> float:
+    """Text-conditional epsilon-prediction pretraining of the whole tiny UNet (the 'SD1.5' it stands for)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, len(images), 64)])
+        lat = lat * vae.config.scaling_factor
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        text = torch.cat([text_encoder(ids[i : i + 64])[0] for i in range(0, len(ids), 64)])
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    unet.train()
+    bar = tqdm(range(steps), desc="pretrain tiny UNet", leave=False)
+    for _ in bar:
+        idx = torch.randint(0, len(lat), (batch_size,), generator=g)
+        noise = torch.randn(lat[idx].shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        pred = unet(scheduler.add_noise(lat[idx], noise, t), t, encoder_hidden_states=text[idx]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    unet.eval()
+    return float(loss)
+
+
+def build_tiny_clip(seed: int):
+    """A tiny OpenCLIP CLIP model (vision + text towers) in open_clip's own class."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    vision = open_clip.model.CLIPVisionCfg(**presets.TINY_CLIP_VISION)
+    text = open_clip.model.CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
+    return open_clip.model.CLIP(embed_dim=presets.TINY_CLIP_EMBED_DIM, vision_cfg=vision, text_cfg=text)
+
+
+def tiny_components(root: Path) -> presets.ComponentPaths:
+    """The ComponentPaths of the embedded default under `root` (what configs/tiny/*.yaml point at)."""
+    return presets.ComponentPaths(
+        base_model=str(root / "base"),
+        clip_checkpoint=str(root / "clip.safetensors"),
+        face_backbone=str(root / "face_backbone.safetensors"),
+        clip_vision_config=dict(presets.TINY_CLIP_VISION),
+        clip_embed_dim=presets.TINY_CLIP_EMBED_DIM,
+        face_num_layers=18,
+        face_widths=presets.TINY_FACE_WIDTHS,
+        face_embedding_size=presets.TINY_FACE_EMBEDDING,
+    )
+
+
+def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_steps: int = 300,
+          unet_steps: int = 500, face_steps: int = 300, pretrain_images: int = 2000) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"seed": seed}
+    t0 = time.time()
+    data_dir = out / "data"
+    if not (data_dir / "manifest.json").exists():
+        cfg = data or SyntheticConfig(seed=seed)
+        generate(data_dir, cfg)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    report["data"] = manifest["counts"]
+
+    face_path = out / "face_backbone.safetensors"
+    if not face_path.exists():
+        torch.manual_seed(seed)
+        face = IRBackbone(18, presets.TINY_FACE_WIDTHS, presets.TINY_FACE_EMBEDDING)
+        train_ids = list(range(len(manifest["identities"]["train"])))
+        crops, labels = render_identity_crops(train_ids, n_per_id=24, seed=seed + 1)
+        held, held_labels = render_identity_crops(train_ids, n_per_id=4, seed=seed + 2)
+        x = uint8_to_unit(crops)
+        before = evaluate_verification(face, uint8_to_unit(held), torch.as_tensor(held_labels))
+        stats = pretrain_recognition(face, x, torch.as_tensor(labels), steps=face_steps, seed=seed)
+        after = evaluate_verification(face, uint8_to_unit(held), torch.as_tensor(held_labels))
+        save_file({k: v.contiguous() for k, v in face.state_dict().items()}, str(face_path))
+        report["face_backbone"] = {"new_render_accuracy_before": before, "after": after, **stats}
+        log.info("tiny face backbone: identification accuracy on new renders %.3f -> %.3f", before, after)
+
+    clip_path = out / "clip.safetensors"
+    if not clip_path.exists():
+        clip = build_tiny_clip(seed)
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(clip_path))
+
+    base = out / "base"
+    if not (base / "unet").exists():
+        torch.manual_seed(seed)
+        images, captions = _load_images(manifest["splits"]["single_train"]["path_pattern"], pretrain_images)
+        tokenizer = presets.write_clip_tokenizer(base / "tokenizer")
+        text_encoder = presets.tiny_text_encoder().eval().requires_grad_(False)
+        scheduler = presets.sd15_scheduler()
+        vae = presets.tiny_vae()
+        report["vae_loss"] = pretrain_vae(vae, images, vae_steps, seed=seed)
+        vae.requires_grad_(False)
+        unet = presets.tiny_unet(sample_size=images.shape[-1] // 4)
+        report["unet_loss"] = pretrain_unet(unet, vae, text_encoder, tokenizer, scheduler, images, captions,
+                                            unet_steps, seed=seed)
+        vae.save_pretrained(base / "vae")
+        text_encoder.save_pretrained(base / "text_encoder")
+        scheduler.save_pretrained(base / "scheduler")
+        unet.save_pretrained(base / "unet")  # last: its presence marks the base model complete
+    report["seconds"] = round(time.time() - t0, 1)
+    (out / "tiny_report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("artifacts/tiny"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=300)
+    p.add_argument("--unet-steps", type=int, default=500)
+    p.add_argument("--face-steps", type=int, default=300)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    report = build(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps, face_steps=a.face_steps)
+    print(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
