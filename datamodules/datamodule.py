@@ -82,7 +82,6 @@ class FaceShardDataModule(pl.LightningDataModule):
         self.random_crop = random_crop
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
-        self._train_loader: EpochLoader | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
@@ -140,8 +139,7 @@ class FaceShardDataModule(pl.LightningDataModule):
         dataset = FaceShardDataset(self._stream_config(self._train_urls, training=True), training=True)
         trainer = getattr(self, "trainer", None)
         source = (lambda: int(trainer.current_epoch)) if trainer is not None else None
-        self._train_loader = make_loader(dataset, self.batch_size, self.num_workers, epoch_source=source)
-        return self._train_loader
+        return make_loader(dataset, self.batch_size, self.num_workers, epoch_source=source)
 
     def val_dataloader(self) -> EpochLoader | list:
         """Deterministic validation batches (no shuffle, eval crop); [] without val_shards."""

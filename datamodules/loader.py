@@ -269,7 +269,7 @@ class FaceShardDataset(IterableDataset):
             raise TypeError("FaceShardDataset has no length without epoch_length")
         return self.cfg.epoch_batches * self.cfg.batch_size
 
-    def _shards(self, worker: int, num_workers: int) -> Iterator[dict[str, str]]:
+    def _shards(self, worker: int) -> Iterator[dict[str, str]]:
         cfg = self.cfg
         if cfg.resampled:
             rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker, 7])
@@ -278,7 +278,8 @@ class FaceShardDataset(IterableDataset):
         urls = list(cfg.urls)
         if cfg.shuffle:  # the same permutation on every rank and worker, before splitting
             np.random.default_rng([cfg.seed, self.epoch, 3]).shuffle(urls)
-        for url in islice(split_by_rank(urls, cfg.rank, cfg.world_size), worker, None, num_workers):
+        # webdataset's worker split (DataLoader worker info); the rank split uses the rank captured at build time
+        for url in wds.split_by_worker(split_by_rank(urls, cfg.rank, cfg.world_size)):
             yield {"url": url}
 
     def _worker_cap(self, worker: int, num_workers: int) -> int | None:
@@ -294,7 +295,7 @@ class FaceShardDataset(IterableDataset):
         where = f"rank {cfg.rank} worker {worker}"
         counter = SkipCounter(where)
         rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker, 11])
-        raw: Iterable[dict[str, Any]] = wds.tarfile_to_samples(handler=counter.handler)(self._shards(worker, num_workers))
+        raw: Iterable[dict[str, Any]] = wds.tarfile_to_samples(handler=counter.handler)(self._shards(worker))
         if self.training and cfg.shuffle and cfg.shuffle_buffer > 1:
             raw = _seeded_shuffle(raw, cfg.shuffle_buffer, rng)
         items = _carry_tail_skips(self._items(raw, rng, counter, where), counter)
@@ -319,12 +320,16 @@ class FaceShardDataset(IterableDataset):
             if not sample.faces:
                 counter.skip(f"{r.get('__url__', '?')}:{sample.key}: no face")
                 continue
-            sample, dropped = select_faces(sample, keep)
+            try:  # geometry that decodes but cannot be used (e.g. a box of 2 numbers) is bad data, not a crash
+                sample, dropped = select_faces(sample, keep)
+                item = sample_to_item(sample, cfg, rng, self.training)
+            except (ValueError, IndexError, TypeError) as e:
+                counter.skip(f"{r.get('__url__', '?')}:{sample.key}: unusable faces/masks ({type(e).__name__}: {e})")
+                continue
             if dropped and cfg.multi_id and not warned_drop:
                 warned_drop = True
                 log.warning("%s: %s has %d faces; keeping the %d largest (max_faces). Logged once per worker.",
                             where, sample.key, keep + dropped, keep)
-            item = sample_to_item(sample, cfg, rng, self.training)
             if self.training and not cfg.multi_id:
                 swap_reference(item, cache, cfg.p_other_reference, rng)
             item["skipped"] = counter.take()

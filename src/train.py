@@ -72,6 +72,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if args is None else args)
+    if not run and args and args[0] in ("fit", "validate", "test", "predict"):
+        args = args[1:]  # run=False builds the classes without a subcommand
     # We always hand LightningCLI the (config-expanded) arguments, also when they came from sys.argv.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     with tempfile.TemporaryDirectory(prefix="uniportrait-cfg-") as tmp:

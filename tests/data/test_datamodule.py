@@ -1,6 +1,7 @@
 """FaceShardDataModule over tiny synthetic shards: batch contract, stages, skips, errors, references, seeding."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -110,13 +111,16 @@ def test_stage2_max_faces_drops_extra_faces(data: dict, caplog: pytest.LogCaptur
 
 
 def write_corrupt_shard(path: Path, good: list[Sample]) -> int:
-    """A shard mixing good samples with 5 bad ones; returns the number of bad samples."""
+    """A shard mixing good samples with 6 bad ones; returns the number of bad samples."""
     bad = []
-    enc = [encode_sample(s) for s in good[:5]]
+    enc = [encode_sample(s) for s in good[:6]]
     t = dict(enc[0], __key__="bad_truncated"); t["jpg"] = t["jpg"][: len(t["jpg"]) // 3]; bad.append(t)
     t = dict(enc[1], __key__="bad_notimage"); t["jpg"] = b"this is not an image"; bad.append(t)
     t = dict(enc[2], __key__="bad_json"); t["faces.json"] = b"{not json"; bad.append(t)
     t = dict(enc[3], __key__="bad_nocaption"); del t["txt"]; bad.append(t)
+    t = dict(enc[4], __key__="bad_box")
+    meta = json.loads(t["faces.json"]); meta["faces"][0]["box"] = [1.0, 2.0]; t["faces.json"] = json.dumps(meta).encode()
+    bad.append(t)
     h, w = good[0].image.shape[:2]
     noface = Sample(key="bad_noface", image=good[0].image, caption="x", faces=[], masks=np.zeros((0, h, w), np.uint8),
                     recog=np.zeros((0, 112, 112, 3), np.uint8), clip=np.zeros((0, 112, 112, 3), np.uint8))

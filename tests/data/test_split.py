@@ -79,6 +79,7 @@ def test_two_ranks_two_workers_see_every_sample_once(shards: tuple[str, list[str
 
 def test_split_follows_the_trainers_rank(shards: tuple[str, list[str]]) -> None:
     """Without torch.distributed, the attached trainer's global_rank/world_size decide the split."""
+    torch.manual_seed(0)
     pattern, keys = shards
     seen = []
     for rank in range(WORLD):
@@ -88,4 +89,3 @@ def test_split_follows_the_trainers_rank(shards: tuple[str, list[str]]) -> None:
         assert dm.rank_and_world() == (rank, WORLD)
         seen.append(epoch_keys(dm.train_dataloader()))
     assert sorted(seen[0] + seen[1]) == sorted(keys) and not set(seen[0]) & set(seen[1])
-    torch.manual_seed(0)

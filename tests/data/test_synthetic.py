@@ -114,7 +114,7 @@ def test_identity_crops_correlate_within_identity() -> None:
     same = labels[:, None] == labels[None, :]
     off = ~np.eye(len(labels), dtype=bool)
     within, between = corr[same & off].mean(), corr[~same].mean()
-    assert within > between + 0.1, (within, between)
+    assert within > between + 0.2, (within, between)  # measured ~0.79 vs ~0.44
     # nearest neighbour (leave one out) is mostly the same identity
     nn = np.where(off, corr, -np.inf).argmax(1)
     assert (labels[nn] == labels).mean() > 0.8

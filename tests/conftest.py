@@ -1,0 +1,23 @@
+"""Shared fixtures: a miniature world (synthetic shards + tiny pretrained components) built once
+per test session by the same code as `make tiny`, with very few pretraining steps."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    from datamodules.synthetic import SyntheticConfig
+    from src.tiny import build
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    data = SyntheticConfig(identities=16, unseen=4, single=128, multi=128, heldout=32, samples_per_shard=32,
+                           seed=0, progress=False)
+    with torch.random.fork_rng():
+        build(root, seed=0, data=data, vae_steps=2, unet_steps=2, face_steps=2, pretrain_images=64)
+    return root

@@ -1,0 +1,24 @@
+"""Helpers shared by tests (importable as tests.helpers)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_args(world: Path, multi: bool = False) -> list[str]:
+    """CLI overrides pointing configs/tiny/*.yaml at a tiny world and shrinking the run."""
+    d = world / "data"
+    single = "single/train-{000000..000003}.tar"
+    train = "multi/train-{000000..000003}.tar" if multi else single
+    val = "heldout/multi_seen-000000.tar" if multi else "heldout/single_seen-000000.tar"
+    return [
+        f"--model.components.base_model={world / 'base'}",
+        f"--model.components.clip_checkpoint={world / 'clip.safetensors'}",
+        f"--model.components.face_backbone={world / 'face_backbone.safetensors'}",
+        f"--data.train_shards={d / train}",
+        f"--data.val_shards={d / val}",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+        "--data.shuffle_buffer=16",
+        "--data.epoch_length=4",
+        "--trainer.enable_progress_bar=false",
+    ]

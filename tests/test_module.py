@@ -1,0 +1,156 @@
+"""UniPortraitModule behaviour on the tiny world: parameter groups, stages, conditioning, checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src.models import adapters
+from src.module import MULTI, SINGLE, QFormerSpec, UniPortraitModule
+from src.tiny import tiny_components
+
+
+def make_module(world, **kw) -> UniPortraitModule:
+    torch.manual_seed(0)
+    kw.setdefault("qformer", QFormerSpec(depth=1, width=32, heads=2, dim_head=16))
+    kw.setdefault("lora_rank", 4)
+    kw.setdefault("lr", 1e-3)
+    return UniPortraitModule(components=tiny_components(world), **kw)
+
+
+def batch_from(world, multi: bool = False, n: int = 4):
+    from datamodules.datamodule import FaceShardDataModule
+
+    split = "multi_seen" if multi else "single_seen"
+    dm = FaceShardDataModule(
+        train_shards=str(world / "data" / "heldout" / f"{split}-000000.tar"),
+        val_shards=str(world / "data" / "heldout" / f"{split}-000000.tar"),
+        multi_id=multi, resolution=64, batch_size=n, num_workers=0, shuffle_buffer=0,
+    )
+    dm.setup("fit")
+    return next(iter(dm.val_dataloader()))
+
+
+def trainable(module) -> set[int]:
+    return {id(p) for p in module.parameters() if p.requires_grad}
+
+
+def grouped(groups) -> set[int]:
+    return {id(p) for g in groups for p in g["params"]}
+
+
+@pytest.fixture(scope="module")
+def module(tiny_world):
+    return make_module(tiny_world)
+
+
+def test_stage1_optimizer_holds_exactly_the_trainable_parameters(module):
+    module.configure_stage(1)
+    groups = module.param_groups()
+    assert {g["name"] for g in groups} == {"id_embedding", "faceid_attention", "lora_single_id"}
+    assert grouped(groups) == trainable(module)
+    # frozen base networks contribute nothing
+    assert not any(p.requires_grad for p in module.vae.parameters())
+    assert not any(p.requires_grad for p in module.text_encoder.parameters())
+    assert not any(p.requires_grad for p in module.identity.face.parameters())
+    assert not any(p.requires_grad for p in module.identity.clip.parameters())
+    opt = module.configure_optimizers()
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable(module)
+
+
+def test_stage2_groups_freeze_id_embedding_and_scale_lora_lr(tiny_world):
+    m = make_module(tiny_world, stage=2, lr=2e-3, stage2_lora_lr_scale=0.1)
+    groups = {g["name"]: g for g in m.param_groups()}
+    assert set(groups) == {"router", "lora_multi_id"}
+    assert groups["lora_multi_id"]["lr"] == pytest.approx(0.1 * groups["router"]["lr"])
+    assert grouped(groups.values()) == trainable(m)
+    assert not any(p.requires_grad for p in m.identity.embedding.parameters())
+    assert not any(p.requires_grad for p in adapters.lora_parameters(m.unet, SINGLE).values())
+    assert not any(p.requires_grad for p in adapters.faceid_parameters(m.unet).values())
+    # multi_id starts as a copy of single_id
+    single = adapters.lora_parameters(m.unet, SINGLE)
+    multi = adapters.lora_parameters(m.unet, MULTI)
+    for name, p in single.items():
+        assert torch.equal(p, multi[name.replace(SINGLE, MULTI)])
+
+
+def test_stage1_step_trains_and_drops_faces(module, tiny_world):
+    module.configure_stage(1)
+    module.train()
+    batch = batch_from(tiny_world)
+    out = module.shared_step(batch)
+    assert set(out) == {"diffusion", "loss"}
+    out["loss"].backward()
+    emb_grads = [p.grad for p in module.identity.embedding.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in emb_grads)
+    proc_grads = [p.grad for p in adapters.faceid_parameters(module.unet).values()]
+    assert any(g is not None and g.abs().sum() > 0 for g in proc_grads)
+    module.zero_grad(set_to_none=True)
+
+
+def test_condition_dropout_uses_the_unconditional_branch(module, tiny_world):
+    module.eval()
+    batch = batch_from(tiny_world)
+    valid = batch["face_valid"]
+    keep = module.identity_tokens(batch["face_recog"], batch["face_clip"], valid)
+    drop_all = module.identity_tokens(batch["face_recog"], batch["face_clip"], valid, drop=torch.ones(4, dtype=torch.bool))
+    uncond = module.identity.uncond_tokens(1)
+    assert not torch.allclose(keep, drop_all)
+    # every dropped face gets exactly the unconditional tokens, whatever its image
+    assert torch.allclose(drop_all[:, 0], uncond.expand(4, -1, -1), atol=1e-6)
+
+
+def test_stage2_step_routes_and_leaves_id_embedding_bit_identical(tiny_world):
+    m = make_module(tiny_world, stage=2, routing_lambda=0.1)
+    before = {k: v.clone() for k, v in m.identity.embedding.state_dict().items()}
+    opt = m.configure_optimizers()
+    m.train()
+    batch = batch_from(tiny_world, multi=True)
+    assert int(batch["face_valid"].sum(1).max()) >= 2
+    out = m.shared_step(batch)
+    assert set(out) == {"diffusion", "routing", "loss"}
+    assert out["routing"] > 0
+    out["loss"].backward()
+    router_grads = [p.grad for p in adapters.router_parameters(m.unet).values()]
+    assert all(g is not None for g in router_grads)
+    opt.step()
+    after = m.identity.embedding.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_routing_maps_are_one_hot_over_valid_identities(tiny_world):
+    m = make_module(tiny_world, stage=2)
+    batch = batch_from(tiny_world, multi=True)
+    out = m.routing_maps(batch, timesteps=100)
+    assert len(out["hard"]) == len(adapters.faceid_processors(m.unet))
+    for hard in out["hard"]:
+        s = hard.sum(1)
+        assert torch.all(s == 1)
+        assert torch.all(hard[~batch["face_valid"]] == 0)
+
+
+def test_checkpoint_holds_adapters_only_and_round_trips(tiny_world, tmp_path):
+    m = make_module(tiny_world, stage=2)
+    with torch.no_grad():
+        for p in adapters.router_parameters(m.unet).values():
+            p.add_(0.01)
+    ckpt = {}
+    m.on_save_checkpoint(ckpt)
+    keys = set(ckpt["state_dict"])
+    assert keys == set(m.adapter_state_dict())
+    assert not any(k.startswith(("vae.", "text_encoder.", "identity.face.", "identity.clip.")) for k in keys)
+    assert not any(".base_layer." in k for k in keys)
+    path = tmp_path / "m.ckpt"
+    torch.save(ckpt, path)
+    fresh = make_module(tiny_world, init_from=str(path), stage=2)
+    for k, v in fresh.adapter_state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][k]), k
+
+
+def test_wrong_checkpoint_layout_is_a_clear_error(tiny_world, tmp_path):
+    path = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {"foo": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match="not a UniPortrait checkpoint"):
+        make_module(tiny_world, init_from=str(path))
+    torch.save({"state_dict": {"foo": torch.zeros(1)}, "uniportrait": {"stage": 1}}, path)
+    with pytest.raises(ValueError, match="does not match the model"):
+        make_module(tiny_world, init_from=str(path))
