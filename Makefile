@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 VENV := .venv
 TINY := artifacts/tiny
 
-.PHONY: install tiny demo train-tiny test test-slow test-all bench eval clean
+.PHONY: install tiny demo train-tiny train-tiny-stage2 test test-slow test-all bench eval clean
 
 install: $(VENV)/.installed  ## create .venv and install the project with pinned versions
 
@@ -16,10 +16,13 @@ $(VENV)/.installed: pyproject.toml
 tiny: install  ## embedded default: synthetic identity shards + tiny random components on disk
 	$(PY) -m src.tiny --out $(TINY)
 
-train-tiny: tiny  ## stage-1 then stage-2 training on the embedded default
+train-tiny: tiny  ## stage 1 on the embedded default (loss trend + identity probe printed at the end)
 	$(PY) -m src.train fit --config configs/tiny/stage1.yaml
 
-demo: train-tiny
+train-tiny-stage2: tiny  ## stage 2 from stage 1's last.ckpt (routing accuracy printed at the end)
+	$(PY) -m src.train fit --config configs/tiny/stage2.yaml
+
+demo: train-tiny train-tiny-stage2  ## the main job: both stages on the embedded default
 
 test: install  ## fast test suite (slow tests excluded)
 	$(PY) -m pytest -q -m "not slow"
@@ -30,7 +33,7 @@ test-slow: install  ## only the slow tests (end-to-end runs; .ci/run runs them a
 test-all: install  ## everything, slow tests included
 	$(PY) -m pytest -q
 
-bench: install
+bench: tiny
 	$(PY) -m src.bench
 
 eval: install

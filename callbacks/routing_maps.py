@@ -93,3 +93,77 @@ class RoutingMapLogger(L.Callback):
             n = self.num_images
             panel = routing_panel(fixed["image"][:n], [h[:n] for h in chosen], out["masks"][:n], out["valid"][:n])
             exp.add_image("routing/maps", panel, global_step=trainer.global_step)
+
+
+class RoutingAccuracyReport(L.Callback):
+    """Before and after training: routing accuracy on held-out multi-face shards, per timestep band,
+    split by the number of faces (2, 3, ...), for each named split (e.g. seen / unseen identities).
+    Printed at the end of training and logged as `routing_report/<split>/<n>faces/<band>`.
+
+    splits: name -> shard pattern. max_batches: batches per split. band_samples: timesteps per band.
+    """
+
+    def __init__(self, splits: dict[str, str], max_batches: int = 4, batch_size: int = 16,
+                 band_samples: int = 2, seed: int = 0) -> None:
+        self.splits, self.max_batches, self.batch_size = splits, max_batches, batch_size
+        self.band_samples, self.seed = band_samples, seed
+        self.before: dict[str, dict[str, float]] | None = None
+
+    def _batches(self, pattern: str, resolution: int):
+        from datamodules.datamodule import FaceShardDataModule
+
+        dm = FaceShardDataModule(train_shards=pattern, val_shards=pattern, multi_id=True, resolution=resolution,
+                                 batch_size=self.batch_size, num_workers=0, shuffle_buffer=0, seed=self.seed)
+        dm.setup("validate")
+        for i, batch in enumerate(dm.val_dataloader()):
+            if i >= self.max_batches:
+                return
+            yield batch
+
+    def measure(self, trainer, pl_module) -> dict[str, dict[str, float]]:
+        resolution = getattr(trainer.datamodule, "resolution", 64)
+        results: dict[str, dict[str, float]] = {}
+        g = torch.Generator().manual_seed(self.seed)
+        for name, pattern in self.splits.items():
+            metrics: dict[int, RoutingAccuracy] = {}
+            for batch in self._batches(pattern, resolution):
+                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                n_faces = batch["face_valid"].sum(1).cpu()
+                for lo, hi in BANDS.values():
+                    for k in range(self.band_samples):
+                        t = int(torch.randint(lo, hi, (1,), generator=g))
+                        out = pl_module.routing_maps(batch, t, seed=self.seed + k)
+                        for n in n_faces.unique().tolist():
+                            sel = n_faces == n
+                            m = metrics.setdefault(int(n), RoutingAccuracy())
+                            for hard in out["hard"]:
+                                m.update(hard.cpu()[sel], out["masks"].cpu()[sel], out["valid"].cpu()[sel],
+                                         torch.full((int(sel.sum()),), t))
+            for n, m in sorted(metrics.items()):
+                results[f"{name}/{n}faces"] = {k: float(v) for k, v in m.compute().items()}
+        return results
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.before is None and pl_module.stage == 2:
+            self.before = self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if pl_module.stage != 2 or not trainer.is_global_zero:
+            return
+        after = self.measure(trainer, pl_module)
+        for when, res in (("before", self.before), ("after", after)):
+            for group, bands in (res or {}).items():
+                cells = "  ".join(f"{b}: {v:.3f}" for b, v in bands.items())
+                print(f"[routing accuracy] {when} {group}: {cells}", flush=True)
+        exp = getattr(trainer.logger, "experiment", None)
+        if hasattr(exp, "add_scalar"):
+            for group, bands in after.items():
+                for b, v in bands.items():
+                    exp.add_scalar(f"routing_report/{group}/{b}", v, trainer.global_step)
+        self.after = after
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"before": self.before}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = state_dict.get("before")

@@ -50,6 +50,10 @@ class QFormerSpec:
     token_drop_rate: float = 0.5
 
 
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the run stops (Lightning's on_exception hooks save state)."""
+
+
 def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, weight_decay=1e-2)
 
@@ -70,6 +74,8 @@ class UniPortraitModule(L.LightningModule):
     faceid_scale: face-ID attention scale during training.
     init_from: a checkpoint of this module whose adapter weights start this run (e.g. stage 2 from a
         stage-1 run: the multi-ID LoRA is then initialised from its single-ID LoRA).
+    max_nonfinite_steps: a step whose loss is not finite is skipped and counted; this many in a row
+        stop the run (after a checkpoint, see NonFiniteLossError).
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class UniPortraitModule(L.LightningModule):
         gumbel_tau: float = 1.0,
         faceid_scale: float = 1.0,
         init_from: str | None = None,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
@@ -117,6 +124,8 @@ class UniPortraitModule(L.LightningModule):
         self.identity = IdentityEncoder(nets.face, nets.clip, embedding)
         adapters.install_faceid_processors(self.unet, id_dim=cross_dim, num_tokens=qformer.num_queries)
         adapters.add_lora(self.unet, SINGLE, rank=lora_rank)
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
         self.stage = 0
         self.configure_stage(1)
         if init_from:
@@ -254,9 +263,30 @@ class UniPortraitModule(L.LightningModule):
         out["loss"] = sum(v for k, v in out.items())
         return out
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")  # every rank skips together
+        return bool(finite > 0)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         out = self.shared_step(batch)
         bs = batch["image"].shape[0]
+        if not self._all_ranks_finite(out["loss"]):
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+            log.warning("non-finite loss at step %d (%s): step skipped (%d in a row, %d in total)",
+                        self.global_step, {k: float(v) for k, v in out.items()}, self.nonfinite_in_a_row,
+                        self.nonfinite_total)
+            self.log("train/nonfinite_skipped", float(self.nonfinite_total), batch_size=bs)
+            if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.global_step} "
+                    f"(limit model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}); lower the learning "
+                    "rate or check the data"
+                )
+            return None  # Lightning skips the optimizer step
+        self.nonfinite_in_a_row = 0
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, batch_size=bs)
         self.log("train/stage", float(self.stage), batch_size=bs)
         if "skipped" in batch:

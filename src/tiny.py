@@ -64,6 +64,7 @@ def pretrain_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 32, lr
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
+    loss = loss.detach()
     with torch.no_grad():
         lat = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, min(len(images), 512), 64)])
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
@@ -123,8 +124,8 @@ def tiny_components(root: Path) -> presets.ComponentPaths:
     )
 
 
-def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_steps: int = 300,
-          unet_steps: int = 500, face_steps: int = 300, pretrain_images: int = 2000) -> dict:
+def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_steps: int = 200,
+          unet_steps: int = 400, face_steps: int = 120, pretrain_images: int = 2000) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"seed": seed}
     t0 = time.time()
@@ -181,12 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("artifacts/tiny"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=300)
-    p.add_argument("--unet-steps", type=int, default=500)
-    p.add_argument("--face-steps", type=int, default=300)
+    p.add_argument("--vae-steps", type=int, default=200)
+    p.add_argument("--unet-steps", type=int, default=400)
+    p.add_argument("--face-steps", type=int, default=120)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if a.threads:
+        torch.set_num_threads(a.threads)
     report = build(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps, face_steps=a.face_steps)
     print(json.dumps(report, indent=2, default=str))
 

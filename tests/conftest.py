@@ -9,6 +9,10 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+# One intra-op thread: the test processes (and DataLoader workers) share 2 cores; oversubscribed
+# OpenMP threads made tiny forward passes 100x slower here.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:

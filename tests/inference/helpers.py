@@ -10,8 +10,10 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
@@ -21,6 +23,16 @@ from src.models.face_backbone import IRBackbone
 from src.models.id_embedding import IDEmbedding
 from src.models.presets import ComponentPaths
 from src.tiny import build_tiny_clip, tiny_components
+
+@pytest.fixture(autouse=False)
+def one_thread() -> Iterator[None]:
+    """Run a test on one intra-op thread: on the shared 2-core machine, multi-threaded tiny ops
+    oversubscribe the cores and run 100x slower. Restores the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 TINY_QFORMER = dict(width=64, depth=2, num_queries=16, heads=4, dim_head=16)
 DIM_HEAD = TINY_QFORMER["dim_head"]

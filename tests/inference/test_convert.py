@@ -11,8 +11,10 @@ from safetensors.torch import save_file
 from src import convert
 from src.models import adapters
 from src.models.faceid_attention import FaceIDAttnProcessor
-from tests.inference.helpers import RANK, released_layout, tiny_embedding, write_released
-from tests.models.tiny_unets import tiny_sd15_unet
+from tests.inference.helpers import one_thread, RANK, released_layout, tiny_embedding, write_released
+from tests.models.tiny_unets import tiny_sd15_unet  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CROSS = 32
 

@@ -14,7 +14,9 @@ from src.faces import NoFaceError
 from src.models import adapters
 from src.models.faceid_attention import FaceIDAttnProcessor
 from src.pipeline import Identity, UniPortraitPipeline, make_scheduler
-from tests.inference.helpers import RANK, random_crops, tiny_embedding_for, write_released, write_tiny_world
+from tests.inference.helpers import one_thread, RANK, random_crops, tiny_embedding_for, write_released, write_tiny_world  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 3
 PROMPT = "a photo of a person"
@@ -84,9 +86,9 @@ def test_multi_reference_runs_and_uses_every_reference(pipe: UniPortraitPipeline
 
 
 def test_interpolation_weight_zero_is_the_identity_and_one_is_the_partner(pipe: UniPortraitPipeline) -> None:
-    mixed0 = Identity.from_crops(random_crops(1, seed=1), mix=[(ID_B, 0.0)])
-    mixed1 = Identity.from_crops(random_crops(1, seed=1), mix=[(ID_B, 1.0)])
-    half = Identity.from_crops(random_crops(1, seed=1), mix=[(ID_B, 0.5)])
+    mixed0 = Identity(crops=ID_A.crops, mix=[(ID_B, 0.0)])
+    mixed1 = Identity(crops=ID_A.crops, mix=[(ID_B, 1.0)])
+    half = Identity(crops=ID_A.crops, mix=[(ID_B, 0.5)])
     a, b = pipe.identity_tokens(ID_A, 0.1), pipe.identity_tokens(ID_B, 0.1)
     assert torch.equal(pipe.identity_tokens(mixed0, 0.1), a)
     assert torch.equal(pipe.identity_tokens(mixed1, 0.1), b)
@@ -191,3 +193,24 @@ def test_face_less_photo_is_rejected_naming_the_file(pipe: UniPortraitPipeline, 
     Image.new("RGB", (96, 96), (128, 128, 128)).save(blank)
     with pytest.raises(NoFaceError, match="blank_photo.png"):
         _run(pipe, [Identity(references=[blank])])
+
+
+def test_from_checkpoint_reads_what_the_training_module_saves(world: dict, tmp_path: Path) -> None:
+    from src.module import QFormerSpec, UniPortraitModule
+
+    torch.manual_seed(0)
+    module = UniPortraitModule(world["paths"], stage=2, lora_rank=RANK,
+                               qformer=QFormerSpec(depth=2, width=64, heads=4, dim_head=16))
+    with torch.no_grad():
+        for p in module.unet.parameters():
+            if p.requires_grad or p.ndim == 2 and p.shape[0] == RANK:
+                p.normal_(0, 0.05)
+    ckpt: dict = {"hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)  # what Lightning's ModelCheckpoint writes for this module
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    ours = UniPortraitPipeline.from_checkpoint(world["paths"], tmp_path / "last.ckpt")
+    saved = module.adapter_state_dict()
+    loaded = {f"unet.{k}": v for k, v in adapters.adapter_state_dict(ours.pipe.unet).items()}
+    loaded.update({f"identity.embedding.{k}": v for k, v in ours.identity.embedding.state_dict().items()})
+    assert set(saved) == set(loaded) and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert len(_run(ours, [ID_A, ID_B], return_routing_maps=True).routing_maps) == 7

@@ -1,0 +1,113 @@
+"""`make bench`: training-step throughput of the tiny preset on the CPU (stage 1 and stage 2).
+
+Measures samples/s and peak resident memory of full training steps (frozen encoders, forward,
+backward, optimizer) on the embedded default, prints a table, and rewrites the section between
+the markers in docs/benchmarks.md with the machine, versions and date.
+(The SD1.5-scale GPU benchmark of issue 7 is not implemented yet.)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+BEGIN, END = "<!-- bench:cpu:begin -->", "<!-- bench:cpu:end -->"
+
+
+def _batch(world: Path, multi: bool, batch_size: int):
+    from datamodules.datamodule import FaceShardDataModule
+
+    split = "multi_seen" if multi else "single_seen"
+    pattern = str(world / "data" / "heldout" / f"{split}-000000.tar")
+    dm = FaceShardDataModule(train_shards=pattern, val_shards=pattern, multi_id=multi, resolution=64,
+                             batch_size=batch_size, num_workers=0, shuffle_buffer=0)
+    dm.setup("fit")
+    return next(iter(dm.val_dataloader()))
+
+
+def time_steps(module, batch, steps: int, warmup: int = 2) -> float:
+    """Seconds per full training step (forward, backward, optimizer step)."""
+    opt = module.configure_optimizers()
+    module.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        loss = module.shared_step(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / steps
+
+
+def run(world: Path, batch_size: int, steps: int) -> list[dict]:
+    from src.module import QFormerSpec, UniPortraitModule
+    from src.train import resolve_config
+    from src.tiny import tiny_components
+
+    cfg = resolve_config(Path("configs/tiny/stage1.yaml"))["model"]
+    rows = []
+    for stage in (1, 2):
+        torch.manual_seed(0)
+        module = UniPortraitModule(
+            components=tiny_components(world), stage=stage, lora_rank=cfg["lora_rank"],
+            qformer=QFormerSpec(**cfg["qformer"]),
+        )
+        batch = _batch(world, multi=stage == 2, batch_size=batch_size)
+        sec = time_steps(module, batch, steps)
+        rows.append({
+            "stage": stage, "batch": batch_size, "step_s": sec, "samples_per_s": batch_size / sec,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+            "faces": float(batch["face_valid"].sum(1).float().mean()),
+        })
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| stage | batch | faces/image | step (s) | samples/s | peak RSS (GB) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['batch']} | {r['faces']:.2f} | {r['step_s']:.3f} | "
+                     f"{r['samples_per_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def record(rows: list[dict], doc: Path) -> None:
+    import diffusers
+    import lightning
+
+    head = (f"Measured {dt.date.today().isoformat()} on {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+            f"lightning {lightning.__version__}; tiny preset (configs/tiny/stage1.yaml), 64 px, fp32, "
+            "full training step incl. frozen encoders.")
+    block = f"{BEGIN}\n{head}\n\n{table(rows)}\n{END}"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Tiny preset, CPU training step (`make bench`)\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=Path, default=Path("artifacts/tiny"), help="tiny world (make tiny)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
+    p.add_argument("--no-record", action="store_true", help="print only; do not rewrite the doc")
+    a = p.parse_args(argv)
+    if not (a.world / "base" / "unet").exists():
+        raise SystemExit(f"no tiny world at {a.world}: run `make tiny` first")
+    rows = run(a.world, a.batch_size, a.steps)
+    print(table(rows))
+    if not a.no_record:
+        record(rows, a.doc)
+        print(f"recorded in {a.doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The generate CLI on the tiny world: --help, end-to-end PNGs, face-less photo error."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from src import generate
+from src.models import presets
+from tests.inference.helpers import one_thread, random_crops, tiny_embedding_for, write_released, write_tiny_world  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("gen_world")
+    paths = write_tiny_world(root)
+    fp, rp = write_released(root / "released", paths.build().unet, tiny_embedding_for(paths), seed=2)
+    comps = {k: getattr(paths, k) for k in ("base_model", "clip_checkpoint", "face_backbone", "clip_vision_config",
+                                            "clip_embed_dim", "face_num_layers", "face_embedding_size")}
+    comps["face_widths"] = list(paths.face_widths)
+    cfg = root / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"components": comps}}))
+    crops = []
+    for i in range(2):
+        crop = ((random_crops(1, seed=10 + i)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+        path = root / f"crop{i}.png"
+        Image.fromarray(crop.to(torch.uint8).numpy()).save(path)
+        crops.append(path)
+    return {"root": root, "faceid": fp, "router": rp, "config": cfg, "crops": crops}
+
+
+def _base_args(world: dict, out: Path) -> list[str]:
+    return ["--prompt", "a photo of a person", "--components", str(world["config"]),
+            "--released-faceid", str(world["faceid"]), "--released-router", str(world["router"]),
+            "--dim-head", "16", "--steps", "2", "--out", str(out), "--device", "cpu"]
+
+
+def test_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        generate.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    parser = generate.build_parser()
+    options = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    expected = {"--prompt", "--negative-prompt", "--face", "--face-crop", "--out", "--checkpoint", "--released-faceid",
+                "--released-router", "--components", "--base-model", "--face-scale", "--structure-scale", "--guidance",
+                "--steps", "--seed", "--num-images", "--mask", "--routing-maps"}
+    assert expected <= set(options)
+    for opt in options:
+        assert re.search(rf"{re.escape(opt)}\b", text), opt
+    for action in parser._actions:  # every option has a help text
+        assert action.help, action.option_strings
+
+
+def test_two_identities_end_to_end_with_routing_maps(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    args = _base_args(world, out) + ["--face-crop", str(world["crops"][0]), "--face-crop", str(world["crops"][1]),
+                                     "--num-images", "2", "--routing-maps", "--seed", "3"]
+    generate.main(args)
+    images = sorted(out.glob("image_*.png"))
+    assert [p.name for p in images] == ["image_00.png", "image_01.png"]
+    assert Image.open(images[0]).size == (64, 64)
+    maps = sorted((out / "routing").glob("*.png"))
+    n_layers = 7  # tiny_unet: cross-attention in 1+1 down, 2+2 up and 1 mid transformer block
+    assert len(maps) == 2 * n_layers
+    colours = {tuple(c) for p in maps for c in np.asarray(Image.open(p)).reshape(-1, 3)}
+    assert colours <= {tuple(generate.PALETTE[0]), tuple(generate.PALETTE[1])}  # one identity per position
+    printed = capsys.readouterr().out.split()
+    assert str(images[0]) in printed
+
+
+def test_single_identity_with_several_reference_crops_and_base_model_override(world: dict, tmp_path: Path) -> None:
+    out = tmp_path / "single"
+    crops = ",".join(str(p) for p in world["crops"])
+    generate.main(_base_args(world, out) + ["--face-crop", crops, "--base-model", str(world["root"] / "base")])
+    assert (out / "image_00.png").is_file()
+
+
+def test_masks_must_match_identities(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    mask = tmp_path / "m.png"
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(mask)
+    with pytest.raises(SystemExit) as info:
+        generate.main(_base_args(world, tmp_path / "o") + ["--face-crop", str(world["crops"][0]), "--face-crop",
+                                                          str(world["crops"][1]), "--mask", str(mask)])
+    assert info.value.code != 0 and "--mask given 1 times for 2 identities" in capsys.readouterr().err
+
+
+def test_face_less_photo_exits_nonzero_naming_the_file(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blank = tmp_path / "no_face_here.jpg"
+    Image.new("RGB", (80, 80), (200, 200, 200)).save(blank)
+    with pytest.raises(SystemExit) as info:
+        generate.main(_base_args(world, tmp_path / "o") + ["--face", str(blank)])
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert "no_face_here.jpg" in err and "no face" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_components_yaml_forms(world: dict, tmp_path: Path) -> None:
+    cfg = yaml.safe_load(world["config"].read_text())["model"]["components"]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(cfg))
+    a = generate.load_components(plain, None)
+    b = generate.load_components(world["config"], "/elsewhere/base")
+    assert a.base_model == cfg["base_model"] and b.base_model == "/elsewhere/base"
+    assert a.face_widths == tuple(presets.TINY_FACE_WIDTHS)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"components": {"not_a_key": 1}}))
+    with pytest.raises(ValueError, match="bad.yaml"):
+        generate.load_components(bad, None)
+
+
+def test_missing_default_checkpoint_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="make demo"):
+        generate.default_checkpoint(tmp_path / "runs")
