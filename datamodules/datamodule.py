@@ -24,6 +24,11 @@ from datamodules.loader import EpochLoader, FaceShardDataset, StreamConfig, make
 log = logging.getLogger(__name__)
 
 
+def trained_batches(trainer: pl.Trainer) -> int:
+    """Batches of the current epoch whose training step ran (the data position a checkpoint records)."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
 class FaceShardDataModule(pl.LightningDataModule):
     """Streams WebDataset face shards (datamodules/schema.py) into batches of the collate contract.
 
@@ -138,8 +143,12 @@ class FaceShardDataModule(pl.LightningDataModule):
             self._train_urls = resolve_shards(self.train_shards)
         dataset = FaceShardDataset(self._stream_config(self._train_urls, training=True), training=True)
         trainer = getattr(self, "trainer", None)
-        source = (lambda: int(trainer.current_epoch)) if trainer is not None else None
-        return make_loader(dataset, self.batch_size, self.num_workers, epoch_source=source)
+        if trainer is None:
+            return make_loader(dataset, self.batch_size, self.num_workers)
+        return make_loader(
+            dataset, self.batch_size, self.num_workers, epoch_source=lambda: int(trainer.current_epoch),
+            position_source=lambda: trained_batches(trainer),
+        )
 
     def val_dataloader(self) -> EpochLoader | list:
         """Deterministic validation batches (no shuffle, eval crop); [] without val_shards."""

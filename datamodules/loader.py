@@ -11,7 +11,15 @@ is replaced by a recent crop of the same identity from another image (a small pe
 crop always comes from the target. Stage 2 (``multi_id=True``) keeps up to ``max_faces`` faces (the largest).
 A sample that raises ``SampleError`` (or a tar read error) is skipped, counted and logged (rate-limited); items
 carry ``skipped`` = how many samples this worker skipped since its previous item (a worker's last item also
-carries the skips after it), so the module can log skip totals without shared state.
+carries the skips after it), so the module can log skip totals without shared state. Arrays are checked
+(:func:`check_arrays`: uint8 crops of the right shape, binary masks; float arrays, NaN or out-of-range values
+are a ``SampleError``), and a shard that holds no sample is a counted, logged skip naming the shard.
+
+Data position (resume): :class:`EpochLoader` is stateful (``state_dict`` = epoch and batches consumed in it,
+saved by Lightning in the fit loop's checkpoint state). A resumed loader skips that many batches of the same
+deterministic stream, so the next batch is the one the interrupted run would have trained on. Workers take
+the logical id ``(worker + skipped batches) % num_workers`` so the DataLoader's round-robin over workers
+continues where it stopped.
 
 Batch contract of :func:`collate_faces` (B samples, Nmax = most faces in the batch, at least 1)::
 
@@ -126,6 +134,30 @@ class StreamConfig:
     batch_size: int = 1
     cache_per_identity: int = 4
     cache_identities: int = 1024
+
+
+def check_arrays(sample: Sample, where: str) -> None:
+    """Reject arrays a decoded sample must not hold (SampleError naming the shard:key and field).
+
+    masks (N, H, W) uint8/bool in {0, 1}; recog crops (N, 112, 112, 3) uint8; clip crops (N, S, S, 3) uint8.
+    Float arrays (e.g. a cache written as float, possibly holding NaN/inf) are refused rather than silently
+    rescaled by the uint8 -> [-1, 1] conversion.
+    """
+    fields = {"masks.npz": sample.masks, "recog.npz": sample.recog, "clip.npz": sample.clip}
+    for name, arr in fields.items():
+        if arr.dtype == np.uint8 or (name == "masks.npz" and arr.dtype == np.bool_):
+            continue
+        bad = ""
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            bad = f", {int((~np.isfinite(arr)).sum())} non-finite value(s)"
+        raise SampleError(f"{where}: field {name!r} has dtype {arr.dtype}{bad}; expected uint8")
+    if sample.masks.size and sample.masks.max() > 1:
+        raise SampleError(f"{where}: field 'masks.npz' holds values up to {int(sample.masks.max())}; masks are 0/1")
+    if sample.recog.ndim != 4 or sample.recog.shape[1:] != (FACE_RECOG_SIZE, FACE_RECOG_SIZE, 3):
+        raise SampleError(f"{where}: field 'recog.npz' crops are {sample.recog.shape}; expected (N, "
+                          f"{FACE_RECOG_SIZE}, {FACE_RECOG_SIZE}, 3)")
+    if sample.clip.ndim != 4 or sample.clip.shape[3] != 3 or sample.clip.shape[1] != sample.clip.shape[2]:
+        raise SampleError(f"{where}: field 'clip.npz' crops are {sample.clip.shape}; expected (N, S, S, 3)")
 
 
 class SkipCounter:
@@ -259,9 +291,16 @@ class FaceShardDataset(IterableDataset):
         self.cfg = cfg
         self.training = training
         self.epoch = 0
+        self.skip_batches = 0  # batches of this epoch already consumed (resume); set by EpochLoader
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def set_position(self, batches: int) -> None:
+        """Start the next pass after `batches` batches of the epoch (the same batches are skipped, not re-drawn)."""
+        if batches < 0:
+            raise ValueError(f"FaceShardDataset.set_position: batches={batches} must be >= 0")
+        self.skip_batches = int(batches)
 
     def __len__(self) -> int:
         """Samples per epoch on this rank; only defined with a fixed epoch length."""
@@ -269,7 +308,8 @@ class FaceShardDataset(IterableDataset):
             raise TypeError("FaceShardDataset has no length without epoch_length")
         return self.cfg.epoch_batches * self.cfg.batch_size
 
-    def _shards(self, worker: int) -> Iterator[dict[str, str]]:
+    def _shards(self, worker: int, num_workers: int) -> Iterator[dict[str, str]]:
+        """Shard URLs of (logical) `worker`: an endless seeded draw (resampled) or its split of this rank's share."""
         cfg = self.cfg
         if cfg.resampled:
             rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker, 7])
@@ -278,9 +318,28 @@ class FaceShardDataset(IterableDataset):
         urls = list(cfg.urls)
         if cfg.shuffle:  # the same permutation on every rank and worker, before splitting
             np.random.default_rng([cfg.seed, self.epoch, 3]).shuffle(urls)
-        # webdataset's worker split (DataLoader worker info); the rank split uses the rank captured at build time
-        for url in wds.split_by_worker(split_by_rank(urls, cfg.rank, cfg.world_size)):
+        # split by rank (captured at build time), then by the logical worker id
+        for url in islice(split_by_rank(urls, cfg.rank, cfg.world_size), worker, None, num_workers):
             yield {"url": url}
+
+    def _samples(self, shards: Iterable[dict[str, str]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+        """Raw tar samples shard by shard; a shard holding no sample is a counted skip naming it.
+
+        Resampled streams are endless: if every one of many consecutive shards is empty or unreadable, raise
+        (naming one) instead of spinning forever.
+        """
+        empty_in_a_row, limit = 0, max(16, 4 * len(self.cfg.urls))
+        for shard in shards:
+            before, n = counter.total, 0
+            for raw in wds.tarfile_to_samples(handler=counter.handler)(iter([shard])):
+                n += 1
+                yield raw
+            if n == 0 and counter.total == before:
+                counter.skip(f"{shard['url']}: shard holds no samples (empty tar)")
+            empty_in_a_row = 0 if n else empty_in_a_row + 1
+            if empty_in_a_row >= limit:
+                raise RuntimeError(f"{empty_in_a_row} shards in a row held no readable sample (last: "
+                                   f"{shard['url']!r}); check the shard pattern")
 
     def _worker_cap(self, worker: int, num_workers: int) -> int | None:
         """Samples this worker yields per epoch: its share of the rank's batches, times the batch size."""
@@ -289,18 +348,27 @@ class FaceShardDataset(IterableDataset):
         e = self.cfg.epoch_batches
         return (e // num_workers + (1 if worker < e % num_workers else 0)) * self.cfg.batch_size
 
+    def _worker_skip(self, worker: int, num_workers: int) -> int:
+        """Items (logical) `worker` skips on resume: its round-robin share of the consumed batches."""
+        k = self.skip_batches
+        return (k // num_workers + (1 if worker < k % num_workers else 0)) * self.cfg.batch_size
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
-        worker, num_workers = worker_info()
+        physical, num_workers = worker_info()
+        # after k consumed batches the DataLoader restarts its round-robin at physical worker 0, which must
+        # continue the stream of the worker whose turn it was: logical id = (physical + k) % num_workers
+        worker = (physical + self.skip_batches) % num_workers
         where = f"rank {cfg.rank} worker {worker}"
         counter = SkipCounter(where)
         rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker, 11])
-        raw: Iterable[dict[str, Any]] = wds.tarfile_to_samples(handler=counter.handler)(self._shards(worker))
+        raw: Iterable[dict[str, Any]] = self._samples(self._shards(worker, num_workers), counter)
         if self.training and cfg.shuffle and cfg.shuffle_buffer > 1:
             raw = _seeded_shuffle(raw, cfg.shuffle_buffer, rng)
         items = _carry_tail_skips(self._items(raw, rng, counter, where), counter)
         cap = self._worker_cap(worker, num_workers)
-        yield from (items if cap is None else islice(items, cap))
+        # resume: replay (decode, crop, draw) and drop the consumed items so every RNG is where it was
+        yield from islice(items, self._worker_skip(worker, num_workers), cap)
         if counter.total:
             log.info("%s: %d sample(s) skipped this epoch", where, counter.total)
 
@@ -314,6 +382,7 @@ class FaceShardDataset(IterableDataset):
         for r in raw:
             try:
                 sample = decode_sample(r)
+                check_arrays(sample, f"{r.get('__url__', '?')}:{sample.key}")
             except SampleError as e:
                 counter.skip(str(e))
                 continue
@@ -382,29 +451,65 @@ def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class EpochLoader(DataLoader):
-    """DataLoader that tells its FaceShardDataset the epoch before each pass (new shuffle, same seed).
+    """DataLoader that tells its FaceShardDataset the epoch before each pass (new shuffle, same seed), and a
+    stateful one (Lightning saves `state_dict()` in checkpoints and calls `load_state_dict()` on resume).
 
     `epoch_source` (e.g. ``lambda: trainer.current_epoch``) gives the epoch; without it, passes are counted.
-    Workers are not persistent, so every pass ships the updated epoch to fresh workers.
+    `position_source` gives the batches of the current epoch already trained on (e.g. the fit loop's
+    processed-batch count: the loader itself runs ahead of training by Lightning's prefetch); without it,
+    the batches this loader yielded in the current pass. Workers are not persistent, so every pass ships the
+    updated epoch and position to fresh workers.
     """
 
-    def __init__(self, dataset: FaceShardDataset, epoch_source: Callable[[], int] | None = None, **kwargs: Any):
+    def __init__(self, dataset: FaceShardDataset, epoch_source: Callable[[], int] | None = None,
+                 position_source: Callable[[], int] | None = None, **kwargs: Any):
         super().__init__(dataset, **kwargs)
         self.epoch_source = epoch_source
+        self.position_source = position_source
         self.passes = 0
+        self._epoch = 0
+        self._yielded = 0
+        self._resume: dict[str, int] | None = None
 
     def __iter__(self):  # type: ignore[override]
         epoch = self.epoch_source() if self.epoch_source is not None else self.passes
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            skip = self._resume["batches"]  # a checkpoint of another (earlier) epoch means: start this one fresh
+        self._resume = None
         self.dataset.set_epoch(epoch)
+        self.dataset.set_position(skip)
         self.passes += 1
-        return super().__iter__()
+        self._epoch, self._yielded = epoch, skip
+        if skip:
+            log.info("resuming epoch %d after %d consumed batch(es): replaying the stream to that position",
+                     epoch, skip)
+        return self._count(super().__iter__())
+
+    def _count(self, it: Iterator[Any]) -> Iterator[Any]:
+        for batch in it:
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """{"epoch", "batches"}: the data position (batches of that epoch already trained on)."""
+        batches = self.position_source() if self.position_source is not None else self._yielded
+        return {"epoch": int(self._epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume at `state_dict()`'s position: the next pass of the same epoch skips the consumed batches."""
+        if not {"epoch", "batches"} <= set(state_dict):
+            raise KeyError(f"EpochLoader state needs 'epoch' and 'batches', got {sorted(state_dict)}")
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
 
 
 def make_loader(
-    dataset: FaceShardDataset, batch_size: int, num_workers: int, epoch_source: Callable[[], int] | None = None
+    dataset: FaceShardDataset, batch_size: int, num_workers: int, epoch_source: Callable[[], int] | None = None,
+    position_source: Callable[[], int] | None = None,
 ) -> EpochLoader:
     """The DataLoader over a FaceShardDataset with `collate_faces` (no sampler: the dataset splits itself)."""
     return EpochLoader(
-        dataset, epoch_source=epoch_source, batch_size=batch_size, num_workers=num_workers,
+        dataset, epoch_source=epoch_source, position_source=position_source, batch_size=batch_size,
+        num_workers=num_workers,
         collate_fn=collate_faces, persistent_workers=False, pin_memory=False,
     )

@@ -51,5 +51,5 @@ def to_recog_pixels(x: torch.Tensor) -> torch.Tensor:
 
 def uint8_to_unit(x: np.ndarray) -> torch.Tensor:
     """HWC (or NHWC) uint8 array -> CHW (or NCHW) float tensor in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(127.5).sub_(1.0)
+    t = torch.from_numpy(np.array(x, dtype=np.float32)).div_(127.5).sub_(1.0)  # copy: PIL arrays are read-only
     return t.movedim(-1, -3)

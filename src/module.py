@@ -122,7 +122,10 @@ class UniPortraitModule(L.LightningModule):
             token_drop_rate=qformer.token_drop_rate,
         )
         self.identity = IdentityEncoder(nets.face, nets.clip, embedding)
-        adapters.install_faceid_processors(self.unet, id_dim=cross_dim, num_tokens=qformer.num_queries)
+        # to_k_faceid copies to_k, to_v_faceid starts at zero: the untrained model is the base model
+        # exactly, and the gap between own and other identity starts at 0.
+        adapters.install_faceid_processors(self.unet, id_dim=cross_dim, num_tokens=qformer.num_queries,
+                                           value_init="zero")
         adapters.add_lora(self.unet, SINGLE, rank=lora_rank)
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
@@ -371,3 +374,53 @@ class UniPortraitModule(L.LightningModule):
         self.on_load_checkpoint(checkpoint, source=str(path))
         self.load_state_dict(checkpoint["state_dict"], strict=False)
         log.info("loaded adapter weights of stage %d from %s", self.stage, path)
+
+    # ---- sampling (for callbacks) ----
+    @torch.no_grad()
+    def sample_images(
+        self,
+        batch: dict[str, Any],
+        num_inference_steps: int = 10,
+        guidance_scale: float = 3.0,
+        faceid_scale: float = 1.0,
+        seed: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """Generate one image per batch sample from its caption and its identities (aligned crops).
+
+        batch: "caption" (B strings), "face_recog" (B, N, 3, 112, 112), "face_clip" (B, N, 3, S, S) in
+        [-1, 1], "face_valid" (B, N), "image" (B, 3, H, W) (only its size is used), and for several
+        identities in stage 1 "face_masks" (B, N, H, W) (no routers yet: explicit masks replace them).
+        Sampling is `src.pipeline.UniPortraitPipeline` (DDIM, classifier-free guidance) built on this
+        module's own networks (shared, not copied); sample b uses seed `seed + b`.
+        Returns {"images": (B, 3, H, W) in [-1, 1]}. The module's mode and active LoRA are restored.
+        """
+        import numpy as np
+
+        from src.models.presets import Components
+        from src.pipeline import Identity, UniPortraitPipeline
+
+        was_training = self.training
+        self.eval()
+        nets = Components(self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler,
+                          self.identity.clip, self.identity.face)
+        pipe = UniPortraitPipeline.from_components(nets, self.identity.embedding)
+        height, width = batch["image"].shape[-2:]
+        routed = bool(adapters.router_parameters(self.unet))
+        images = []
+        try:
+            for b, caption in enumerate(batch["caption"]):
+                slots = batch["face_valid"][b].nonzero().flatten().tolist()
+                identities = [Identity.from_crops(batch["face_recog"][b, n][None], batch["face_clip"][b, n][None])
+                              for n in slots]
+                masks = None
+                if len(slots) > 1 and not routed:
+                    masks = batch["face_masks"][b, slots].float().cpu()  # (N, H, W)
+                out = pipe(caption, identities, faceid_scale=faceid_scale, guidance_scale=guidance_scale,
+                           num_inference_steps=num_inference_steps, seed=seed + b, height=int(height),
+                           width=int(width), masks=masks, progress=False)
+                arr = torch.from_numpy(np.asarray(out.images[0].convert("RGB")).copy())  # (H, W, 3) uint8
+                images.append(arr.permute(2, 0, 1).float() / 127.5 - 1.0)  # (3, H, W)
+        finally:
+            adapters.set_active_lora(self.unet, MULTI if self.stage == 2 else SINGLE)
+            self.train(was_training)
+        return {"images": torch.stack(images).to(self.device)}  # (B, 3, H, W)

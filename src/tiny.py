@@ -6,6 +6,7 @@
                    (SD1.5's BPE, from open_clip's bundled vocabulary), SD1.5's DDPM scheduler
   clip.safetensors a tiny OpenCLIP model in open_clip's checkpoint format
   face_backbone.safetensors  a tiny IR-18 in the TFace layout
+  examples/        aligned face crops of two held-out identities (for `python -m src.generate`)
 Like the real parts they stand in for, the VAE, the UNet and the face backbone are *pretrained*
 (briefly, on the synthetic images: reconstruction, text-conditional denoising, margin-based
 identity classification) before UniPortrait training freezes them. Each step is skipped when its
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -97,7 +99,7 @@ def pretrain_unet(
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     unet.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def build_tiny_clip(seed: int):
@@ -173,6 +175,15 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
         text_encoder.save_pretrained(base / "text_encoder")
         scheduler.save_pretrained(base / "scheduler")
         unet.save_pretrained(base / "unet")  # last: its presence marks the base model complete
+    examples = out / "examples"
+    if not examples.exists():
+        # aligned crops of two held-out (unseen) identities, for the README's generate example
+        unseen = manifest["identities"]["unseen"][:2]
+        ids = [int(label.split("_")[1]) for label in unseen]
+        crops, _ = render_identity_crops(ids, n_per_id=1, seed=seed + 3)
+        examples.mkdir()
+        for label, crop in zip(("person_a", "person_b"), crops):
+            Image.fromarray(crop).save(examples / f"{label}.png")
     report["seconds"] = round(time.time() - t0, 1)
     (out / "tiny_report.json").write_text(json.dumps(report, indent=2, default=str))
     return report

@@ -73,18 +73,28 @@ def test_stage2_groups_freeze_id_embedding_and_scale_lora_lr(tiny_world):
         assert torch.equal(p, multi[name.replace(SINGLE, MULTI)])
 
 
-def test_stage1_step_trains_and_drops_faces(module, tiny_world):
-    module.configure_stage(1)
-    module.train()
+def test_stage1_untrained_adapter_is_the_base_model_and_training_reaches_every_part(tiny_world):
+    """to_v_faceid starts at zero: the untrained model equals the base UNet exactly (own == other
+    identity); after one optimizer step gradients reach the ID embedding and both projections."""
+    m = make_module(tiny_world)
+    m.train()
     batch = batch_from(tiny_world)
-    out = module.shared_step(batch)
+    g = torch.Generator().manual_seed(0)
+    own, other = m.identity_gap(batch, generator=g)
+    assert torch.equal(own, other)
+    opt = m.configure_optimizers()
+    out = m.shared_step(batch)
     assert set(out) == {"diffusion", "loss"}
     out["loss"].backward()
-    emb_grads = [p.grad for p in module.identity.embedding.parameters()]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in adapters.faceid_parameters(m.unet).items() if "to_v_faceid" in n)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    m.shared_step(batch)["loss"].backward()
+    emb_grads = [p.grad for p in m.identity.embedding.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in emb_grads)
-    proc_grads = [p.grad for p in adapters.faceid_parameters(module.unet).values()]
-    assert any(g is not None and g.abs().sum() > 0 for g in proc_grads)
-    module.zero_grad(set_to_none=True)
+    k_grads = [p.grad for n, p in adapters.faceid_parameters(m.unet).items() if "to_k_faceid" in n]
+    assert any(g is not None and g.abs().sum() > 0 for g in k_grads)
 
 
 def test_condition_dropout_uses_the_unconditional_branch(module, tiny_world):

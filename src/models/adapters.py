@@ -60,7 +60,11 @@ def _attention_of(unet: nn.Module, processor_name: str) -> Attention:
 
 
 def install_faceid_processors(
-    unet: nn.Module, id_dim: int | None = None, num_tokens: int = 16, with_router: bool = False
+    unet: nn.Module,
+    id_dim: int | None = None,
+    num_tokens: int = 16,
+    with_router: bool = False,
+    value_init: str = "copy",
 ) -> list[str]:
     """Replace every attention processor of `unet`; return the names of the face-ID (attn2) ones.
 
@@ -72,6 +76,10 @@ def install_faceid_processors(
         id_dim: width of the identity tokens; None = each layer's cross-attention dim (to_k input).
         num_tokens: tokens per identity (16).
         with_router: also create the routers (stage 2).
+        value_init: "copy" copies to_k/to_v into to_k_faceid/to_v_faceid (IP-Adapter practice);
+            "zero" copies to_k but zero-initialises to_v_faceid, so an untrained adapter leaves the
+            base UNet's output exactly unchanged (its gradient is still non-zero: the attention
+            weights are not) and identity only enters through what training puts there.
     Each processor gets `name` = its `unet.attn_processors` key (used in RoutingRecord.names).
     """
     processors: dict[str, object] = {}
@@ -92,6 +100,10 @@ def install_faceid_processors(
                 query_dim=to_q.in_features,
             ).to(device=to_k.weight.device, dtype=to_k.weight.dtype)
             proc.init_from_attention(attn)
+            if value_init == "zero":
+                torch.nn.init.zeros_(proc.to_v_faceid.weight)
+            elif value_init != "copy":
+                raise ValueError(f"value_init must be 'copy' or 'zero', got {value_init!r}")
             installed.append(name)
         else:
             proc = SelfAttnProcessor()

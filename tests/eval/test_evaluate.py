@@ -1,0 +1,169 @@
+"""The benchmark runner (`python -m src.evaluate`) on the tiny world: outputs, resume, multi-ID extras,
+the fixed prompt lists, and (slow) that training raises Face Sim against the synthetic references."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from src import benchmark_prompts as bp
+from src import evaluate
+from src.train import main as train_main
+from tests.helpers import tiny_args
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SMALL_MODEL = ["--model.qformer.depth=1", "--model.lora_rank=4"]
+
+
+def train_checkpoint(world: Path, out: Path, stage: int, steps: int, extra: list[str] = ()) -> Path:
+    """Train a tiny checkpoint through the real CLI (src.train.main); returns its last.ckpt."""
+    config = CONFIGS / "tiny" / f"stage{stage}.yaml"
+    ckpt_cb = ('--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+               f'"init_args": {{"dirpath": "{out}", "save_last": true, "every_n_train_steps": {max(steps, 1)}}}}}]')
+    torch.manual_seed(0)
+    train_main(["fit", f"--config={config}", *tiny_args(world, multi=stage == 2), *SMALL_MODEL,
+                f"--trainer.default_root_dir={out}", "--trainer.logger=false", ckpt_cb,
+                f"--trainer.max_steps={steps}", *extra])
+    return out / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval_ckpts")
+    s1 = train_checkpoint(tiny_world, root / "s1", 1, 8)
+    s2 = train_checkpoint(tiny_world, root / "s2", 2, 4, [f"--model.init_from={s1}"])
+    return {"stage1": s1, "stage2": s2}
+
+
+def run_eval(world: Path, ckpt: Path, out: Path, *extra: str) -> dict:
+    return evaluate.main(["--tiny-root", str(world), "--checkpoint", str(ckpt), "--out", str(out),
+                          "--steps", "2", "--device", "cpu", "--calibration-renders", "4", *extra])
+
+
+def test_single_protocol_outputs_and_resume(tiny_world, checkpoints, tmp_path, capsys):
+    out = tmp_path / "eval"
+    res = run_eval(tiny_world, checkpoints["stage1"], out, "--identities", "2", "--prompts", "2", "--images", "2")
+    data = json.loads((out / "results.json").read_text())
+    assert data == json.loads(json.dumps(res, default=str))
+    assert data["world"] == "synthetic" and data["recognizer"] == "tiny"
+    single = data["single"]
+    assert single["num_images"] == 2 * 2 * 2 and single["num_identities"] == 2 and single["num_prompts"] == 2
+    assert 0.0 <= single["face_sim"] <= 100.0 and "clip_t" in single and "clip_i" in single
+    assert set(single["per_identity"]) == {i["name"] for i in data["identities"]}
+    assert set(single["per_category"]) <= set(bp.SINGLE_CATEGORIES)
+    # the synthetic identities are the manifest's held-out ones
+    unseen = json.loads((tiny_world / "data" / "manifest.json").read_text())["identities"]["unseen"]
+    assert {i["name"] for i in data["identities"]} <= set(unseen)
+    # stage-1 checkpoint: no routers, so the multi-ID protocol is skipped with a reason
+    assert "stage-1" in data["multi"]["skipped"]
+    assert data["config"]["steps"] == 2 and data["config"]["images"] == 2  # the exact configuration is kept
+    images = sorted(Path(data["images_dir"]).rglob("*.png"))
+    assert len(images) == 8 and data["generated_calls"] == 4 and data["reused_calls"] == 0
+    # the table: published numbers beside ours, marked as such, with the recogniser caveat
+    md = (out / "results.md").read_text()
+    for method, nums in bp.PUBLISHED["single"].items():
+        assert f"| {method} (published) | {nums['face_sim']:.1f} |" in md
+    assert "not comparable" in md and f"{single['face_sim']:.1f}" in md
+    plot = Image.open(out / "results.png")
+    assert plot.format == "PNG" and plot.size[0] > 100
+
+    # resume: nothing regenerated, same images, same numbers
+    mtimes = {p: p.stat().st_mtime_ns for p in images}
+    res2 = run_eval(tiny_world, checkpoints["stage1"], out, "--identities", "2", "--prompts", "2", "--images", "2")
+    assert res2["reused_calls"] == 4 and res2["generated_calls"] == 0
+    assert {p: p.stat().st_mtime_ns for p in images} == mtimes
+    assert res2["single"]["face_sim"] == pytest.approx(single["face_sim"])
+    # a different generation setting is a different image set (never mixed with the old one)
+    res3 = run_eval(tiny_world, checkpoints["stage1"], out, "--identities", "1", "--prompts", "1", "--images", "1",
+                    "--seed", "5")
+    assert res3["generation_tag"] != data["generation_tag"] and res3["generated_calls"] == 1
+
+
+def test_multi_protocol_reports_counts_duplicates_and_routing(tiny_world, checkpoints, tmp_path):
+    out = tmp_path / "eval"
+    res = run_eval(tiny_world, checkpoints["stage2"], out, "--protocol", "multi", "--identities", "3",
+                   "--pairs", "2", "--multi-prompts", "2", "--images", "1")
+    multi = res["multi"]
+    assert multi["num_images"] == 2 * 2 and multi["num_pairs"] == 2 and multi["num_prompts"] == 2
+    for key in ("face_sim", "face_count_ok", "duplicate_rate", "no_face_rate"):
+        assert 0.0 <= multi[key] <= 100.0, key
+    assert "routing_accuracy" in multi  # None only when no face was detected at all
+    assert multi["routing_accuracy"] is None or 0.0 <= multi["routing_accuracy"] <= 100.0
+    assert "single" not in res
+    routing = sorted(Path(res["images_dir"]).rglob("*.routing.safetensors"))
+    assert len(routing) == 2 * 2  # one per (pair, prompt), kept for resumed runs
+    md = (out / "results.md").read_text()
+    assert "duplicated identity" in md and "| UniPortrait (published) | 67.3 |" in md
+
+
+def test_routing_accuracy_inside_matched_faces(tiny_world):
+    """Constructed case: identity 0's face box on the left, identity 1's on the right; routing that
+    sends the left half to identity 0 is fully right, swapped routing fully wrong."""
+
+    class TwoFaces:
+        def embed_faces(self, image):
+            return torch.eye(2), torch.tensor([[0.0, 0.0, 8.0, 16.0], [8.0, 0.0, 16.0, 16.0]])
+
+        def embed_reference(self, image):
+            return torch.eye(2)[0]
+
+    scores = evaluate.ProtocolScores(TwoFaces(), None)
+    ref = torch.eye(2)  # reference j == face j
+    right = torch.zeros(1, 2, 4, 4)
+    right[0, 0, :, :2] = 1
+    right[0, 1, :, 2:] = 1
+    image = np.zeros((16, 16, 3), np.uint8)
+    faces, boxes = TwoFaces().embed_faces(image)
+    scores.add_routing(image, faces, boxes, ref, [right])
+    assert float(scores.routing.compute()["all"]) == pytest.approx(1.0)
+    swapped = evaluate.ProtocolScores(TwoFaces(), None)
+    swapped.add_routing(image, faces, boxes, ref, [right.flip(1)])
+    assert float(swapped.routing.compute()["all"]) == pytest.approx(0.0)
+
+
+def test_missing_default_checkpoint_tells_to_run_make_demo(tiny_world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no runs/tiny here
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(["--tiny-root", str(tiny_world), "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    assert "make demo" in capsys.readouterr().err
+
+
+def test_benchmark_lists_are_the_documented_protocol():
+    assert len(bp.IDENTITIES) == 15 and {w for _, w in bp.IDENTITIES} == {"man", "woman"}
+    assert len(bp.SINGLE_PROMPTS) == 40 == len(set(bp.SINGLE_PROMPTS))
+    assert all(len(g) == 10 for g in bp.SINGLE_CATEGORIES.values())
+    assert len(bp.MULTI_PROMPTS) == 21 == len(set(bp.MULTI_PROMPTS))
+    assert all("{c1}" in p and "{c2}" in p for p in bp.MULTI_PROMPTS)
+    assert bp.single_prompt("a {c} in the snow", "man") == "a man in the snow"
+    assert len(bp.all_pairs([i for i, _ in bp.IDENTITIES])) == 105
+    # subsets spread over the list: 4 single prompts cover all four categories
+    cats = {bp.prompt_category(bp.SINGLE_PROMPTS[i]) for i in bp.spread(list(range(40)), 4)}
+    assert cats == set(bp.SINGLE_CATEGORIES)
+    assert bp.spread([1, 2, 3], None) == [1, 2, 3] and len(bp.spread(list(range(105)), 7)) == 7
+
+
+def test_sliding_windows_and_nms():
+    win = evaluate.sliding_windows(64)
+    assert (win[:, 2] - win[:, 0] == win[:, 3] - win[:, 1]).all()  # square
+    assert win.min() == 0 and win.max() == 64 and ((win[:, 2] == 64) & (win[:, 3] == 64)).any()
+    boxes = np.array([[0, 0, 20, 20], [2, 2, 22, 22], [40, 40, 60, 60], [5, 5, 15, 15]], np.float32)
+    keep = evaluate.nms(boxes, np.array([0.9, 0.8, 0.7, 0.95]), iou=0.3)
+    # box 3 (highest) kept; box 0 contains it (cover) -> dropped; box 1 overlaps box 3 mostly -> dropped
+    assert keep == [3, 2]
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_scores_higher_face_sim_than_untrained(tiny_world, tmp_path):
+    """Same seeds / prompts / references: a stage-1 run of 150 steps vs the same model with lr 0
+    (untrained adapters). Takes about 2-3 minutes on one CPU thread."""
+    untrained = train_checkpoint(tiny_world, tmp_path / "untrained", 1, 1, ["--model.lr=0.0"])
+    trained = train_checkpoint(tiny_world, tmp_path / "trained", 1, 150)
+    common = ["--identities", "4", "--prompts", "4", "--images", "2", "--protocol", "single"]
+    before = run_eval(tiny_world, untrained, tmp_path / "e0", *common)["single"]["face_sim"]
+    after = run_eval(tiny_world, trained, tmp_path / "e1", *common)["single"]["face_sim"]
+    assert after > before, (before, after)
