@@ -4,7 +4,6 @@
   count), so a resumed run draws exactly the noise, timesteps, dropout and Gumbel samples the interrupted
   run would have drawn, on every rank, whatever ran in between (data loading, validation, callbacks).
 - `LossCSV`: appends `step,loss` per optimizer step to a CSV (flushed each row; survives SIGKILL).
-- `CheckpointedStageSwitch`: the stage switch, done before the epoch's last step checkpoint (resumable).
 - `RunHealthReport`: counts samples skipped as bad data (the loader's per-batch `skipped`) and steps
   skipped for a non-finite loss (the module's `nonfinite_total`), keeps the totals in checkpoints, and
   prints a summary when training ends or stops on an exception.
@@ -21,7 +20,6 @@ import lightning as L
 import numpy as np
 import torch
 
-from callbacks.stage_switch import StageSwitch
 
 log = logging.getLogger(__name__)
 
@@ -141,23 +139,3 @@ class RunHealthReport(L.Callback):
         self.skipped_samples = int(state_dict.get("skipped_samples", 0))
         self.batches = int(state_dict.get("batches", 0))
         self._restored_nonfinite = int(state_dict.get("nonfinite_steps", 0))
-
-
-class CheckpointedStageSwitch(StageSwitch):
-    """`StageSwitch` that switches in the last training batch's `on_train_batch_end` instead of
-    `on_train_epoch_end`, i.e. before a step checkpoint of that batch is written (Lightning runs
-    ModelCheckpoint after other callbacks).
-
-    Why: resuming from a checkpoint written after the last batch of an epoch skips that epoch's
-    `on_train_epoch_end` (Lightning counts the epoch as finished), so with the plain StageSwitch a run killed
-    between that checkpoint and the next one resumes in stage 1 for a whole extra epoch. Here the checkpoint
-    already holds stage 2 (module section, stage-2 optimizer, multi-ID DataModule state).
-    """
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            super().on_train_epoch_end(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        return None  # already switched at the last batch's end

@@ -10,7 +10,8 @@ log = logging.getLogger(__name__)
 
 
 class StageSwitch(L.Callback):
-    """At the end of the first training epoch whose global step is >= `at_step`: the module moves to
+    """At the end of the first training epoch whose global step is >= `at_step` (in its last batch's
+    `on_train_batch_end`): the module moves to
     stage 2 (routers + multi-ID LoRA trainable, ID embedding frozen), the optimizer is rebuilt with
     stage-2 parameter groups, and the DataModule moves to multi-identity data (`multi_id_shards`),
     which the next epoch's dataloader uses (`trainer.reload_dataloaders_every_n_epochs: 1`).
@@ -35,7 +36,15 @@ class StageSwitch(L.Callback):
         if trainer.datamodule is None or not hasattr(trainer.datamodule, "set_multi_id"):
             raise ValueError("StageSwitch needs a DataModule with set_multi_id()")
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Switch at the end of the epoch's last batch, not in on_train_epoch_end: ModelCheckpoint runs
+        # after this hook, so a step checkpoint of that batch already holds stage 2. (A resume from a
+        # checkpoint written after an epoch's last batch skips that epoch's on_train_epoch_end.)
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self.switch(trainer, pl_module)
+
+    def switch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.stage != 1 or trainer.global_step < self.at_step:
             return
         log.info("stage switch at step %d: stage 1 -> stage 2", trainer.global_step)

@@ -20,7 +20,7 @@ def run_args(world: Path, root: Path, max_steps: int, extra_callbacks=(), multi_
            ("callbacks.reliability.ResumableRNG", {"seed": 0}),
            ("callbacks.reliability.LossCSV", {"path": str(root / "loss.csv")}), *extra_callbacks]
     if multi_switch:
-        cbs.append(("callbacks.reliability.CheckpointedStageSwitch",
+        cbs.append(("callbacks.stage_switch.StageSwitch",
                     {"at_step": 4, "multi_id_shards": str(world / "data" / "multi" / "train-{000000..000003}.tar")}))
     return [*fit_args(world, root), callbacks_arg(*cbs), plugins_arg(), f"--trainer.max_steps={max_steps}",
             "--data.epoch_length=5" if not multi_switch else "--data.epoch_length=4"]
