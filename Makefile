@@ -2,6 +2,10 @@
 PY ?= .venv/bin/python
 VENV := .venv
 TINY := artifacts/tiny
+# One OpenMP thread per process on the small CPU machines these targets run on: the DataLoader
+# worker and test subprocesses share the cores, and oversubscribed OpenMP threads spin (measured
+# here: a tiny training step went from 0.08 s to 16 s). Override with `make OMP_NUM_THREADS=2 ...`.
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: install tiny demo train-tiny train-tiny-stage2 test test-slow test-all bench eval clean
 

@@ -25,3 +25,10 @@ def tiny_world(tmp_path_factory) -> Path:
     with torch.random.fork_rng():
         build(root, seed=0, data=data, vae_steps=2, unet_steps=2, face_steps=2, pretrain_images=64)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_cwd(tmp_path, monkeypatch):
+    """Run every test in its own folder: configs write relative paths (runs/tiny/...), which must
+    never touch the checkout's own runs or artifacts."""
+    monkeypatch.chdir(tmp_path)
