@@ -8,6 +8,7 @@ the markers in docs/benchmarks.md with the machine, versions and date.
 from __future__ import annotations
 
 import argparse
+import os
 import datetime as dt
 import platform
 import resource
@@ -79,8 +80,9 @@ def record(rows: list[dict], doc: Path) -> None:
     import diffusers
     import lightning
 
-    head = (f"Measured {dt.date.today().isoformat()} on {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    head = (f"Measured {dt.date.today().isoformat()} on {platform.processor() or platform.machine()} "
+            f"({os.cpu_count()} cores, {gpu}; CPU run), {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, diffusers {diffusers.__version__}, "
             f"lightning {lightning.__version__}; tiny preset (configs/tiny/stage1.yaml), 64 px, fp32, "
             "full training step incl. frozen encoders.")
     block = f"{BEGIN}\n{head}\n\n{table(rows)}\n{END}"

@@ -31,8 +31,6 @@ from src.models.router import routing_loss
 log = logging.getLogger(__name__)
 
 SINGLE, MULTI = "single_id", "multi_id"
-# Checkpoints keep only the adapter weights (never the frozen base networks).
-_ADAPTER_PREFIXES = ("identity.embedding.",)
 
 
 @dataclass
