@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,8 @@ from tqdm import tqdm
 
 from src import benchmark_prompts as bp
 from src.conventions import FACE_RECOG_SIZE, to_recog_pixels, uint8_to_unit
-from src.faces import NoFaceError, UnreadableImageError, box_mask, load_rgb
+from src.faces import NoFaceError, box_mask, load_rgb
+from src.generate import run_or_exit
 from src.models import adapters
 from src.metrics import ClipScore, FaceSimilarity, RoutingAccuracy, greedy_match, image_face_score
 from src.recognizers import FaceRecognizer, build_recognizer, check_image, sort_largest_first
@@ -855,14 +855,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        results = run(args)
-    except (NoFaceError, UnreadableImageError, FileNotFoundError, KeyError, ValueError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from err
+    results = run_or_exit(run, build_parser().parse_args(argv))
     out = Path(results["config"]["out"])
     for protocol in ("single", "multi"):
         r = results.get(protocol)

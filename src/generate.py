@@ -189,15 +189,20 @@ def run(args: argparse.Namespace) -> list[Path]:
     return save_outputs(out, args.out)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def run_or_exit(run_fn, args: argparse.Namespace):
+    """Run a CLI's `run(args)`; a user error (bad photo, missing file, wrong key or value) becomes
+    `error: ...` on stderr and exit code 2 instead of a traceback. Shared by generate and evaluate."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        written = run(args)
+        return run_fn(args)
     except (NoFaceError, UnreadableImageError, FileNotFoundError, KeyError, ValueError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def main(argv: list[str] | None = None) -> None:
+    written = run_or_exit(run, build_parser().parse_args(argv))
     for path in written:
         print(path)
 

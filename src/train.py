@@ -61,10 +61,6 @@ def expand_config_args(args: list[str], tmpdir: str) -> list[str]:
     return out
 
 
-class UniPortraitCLI(LightningCLI):
-    """LightningCLI with the project's model and data module."""
-
-
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Run the CLI (tests call `main([...])` with the same arguments a user types)."""
     from src.module import UniPortraitModule  # noqa: F401  (import here keeps --help fast to fail)
@@ -77,7 +73,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     # We always hand LightningCLI the (config-expanded) arguments, also when they came from sys.argv.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     with tempfile.TemporaryDirectory(prefix="uniportrait-cfg-") as tmp:
-        return UniPortraitCLI(
+        return LightningCLI(
             UniPortraitModule,
             FaceShardDataModule,
             args=expand_config_args(args, tmp),
