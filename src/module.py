@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from src.models import adapters
@@ -26,7 +26,7 @@ from src.models.context import FaceIDContext, RoutingRecord
 from src.models.id_embedding import IDEmbedding
 from src.models.identity_encoder import IdentityEncoder
 from src.models.presets import ComponentPaths
-from src.models.router import routing_loss
+from src.models.router import routing_loss, schedule_tau
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,14 @@ class UniPortraitModule(L.LightningModule):
     lora_lr_scale: LoRA group multiplier in stage 1.
     stage2_lora_lr_scale: LoRA group multiplier in stage 2 (paper: 0.1).
     optimizer: optimizer factory, called with the named parameter groups.
+    lr_scheduler: optional scheduler factory, called with the optimizer and stepped once per optimizer
+        step (e.g. `src.schedules.WarmupCosine`); rebuilt with the optimizer at a stage switch.
     p_drop_face: share of samples that drop the face condition (CFG's unconditional branch).
     routing_lambda: weight of the routing regularisation loss (paper: 0.1).
-    gumbel_tau: Gumbel-softmax temperature of the router during training.
+    gumbel_tau: Gumbel-softmax temperature of the router during training (its start value when
+        `gumbel_tau_end` is set).
+    gumbel_tau_end: optional final temperature: tau is annealed from `gumbel_tau` to it over the first
+        `gumbel_tau_steps` optimizer steps of stage 2 (`gumbel_tau_mode` "exp" or "linear"), constant after.
     faceid_scale: face-ID attention scale during training.
     init_from: a checkpoint of this module whose adapter weights start this run (e.g. stage 2 from a
         stage-1 run: the multi-ID LoRA is then initialised from its single-ID LoRA).
@@ -86,9 +91,13 @@ class UniPortraitModule(L.LightningModule):
         lora_lr_scale: float = 1.0,
         stage2_lora_lr_scale: float = 0.1,
         optimizer: OptimizerCallable = _adamw,
+        lr_scheduler: LRSchedulerCallable | None = None,
         p_drop_face: float = 0.05,
         routing_lambda: float = 0.1,
         gumbel_tau: float = 1.0,
+        gumbel_tau_end: float | None = None,
+        gumbel_tau_steps: int = 0,
+        gumbel_tau_mode: str = "exp",
         faceid_scale: float = 1.0,
         init_from: str | None = None,
         max_nonfinite_steps: int = 10,
@@ -96,9 +105,12 @@ class UniPortraitModule(L.LightningModule):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
-        self.save_hyperparameters(ignore=["components", "optimizer", "qformer"])
+        if gumbel_tau_end is not None:
+            schedule_tau(0, gumbel_tau, gumbel_tau_end, gumbel_tau_steps, gumbel_tau_mode)  # validates the values
+        self.save_hyperparameters(ignore=["components", "optimizer", "lr_scheduler", "qformer"])
         self.hparams["qformer"] = asdict(qformer)  # plain types: checkpoints load with weights_only=True
         self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
         self.strict_loading = False  # checkpoints hold adapters only; see on_load_checkpoint
 
         nets = components.build()
@@ -128,6 +140,7 @@ class UniPortraitModule(L.LightningModule):
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self.stage = 0
+        self.stage_start_step = 0  # global step at which the current stage began (Gumbel schedule)
         self.configure_stage(1)
         if init_from:
             self.load_adapter_checkpoint(init_from)
@@ -148,6 +161,8 @@ class UniPortraitModule(L.LightningModule):
             adapters.set_active_lora(self.unet, MULTI)
             adapters.set_trainable(self.unet, faceid=False, router=True, lora=MULTI)
             self.identity.embedding.requires_grad_(False)
+        if stage != self.stage and self._trainer is not None:
+            self.stage_start_step = self.global_step
         self.stage = stage
         self.train(self.training)  # re-apply eval mode to whatever is frozen now
 
@@ -190,7 +205,19 @@ class UniPortraitModule(L.LightningModule):
             raise RuntimeError(f"optimizer groups hold {n_grouped} parameters but {n_trainable} are trainable")
         summary = ", ".join(f"{g['name']}={sum(p.numel() for p in g['params']):,} (lr {g['lr']:.2e})" for g in groups)
         log.info("stage %d trainable parameters: %s; total %s", self.stage, summary, f"{n_trainable:,}")
-        return self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def current_gumbel_tau(self) -> float:
+        """The router's Gumbel temperature at this step of the current stage (see `gumbel_tau_end`)."""
+        hp = self.hparams
+        if hp.gumbel_tau_end is None:
+            return float(hp.gumbel_tau)
+        step = self.global_step - self.stage_start_step if self._trainer is not None else 0
+        return schedule_tau(step, hp.gumbel_tau, hp.gumbel_tau_end, hp.gumbel_tau_steps, hp.gumbel_tau_mode)
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
@@ -228,7 +255,7 @@ class UniPortraitModule(L.LightningModule):
             latent_hw=tuple(latents.shape[-2:]),
             valid=valid,
             scale=self.hparams.faceid_scale,
-            gumbel_tau=self.hparams.gumbel_tau if (self.training and self.stage == 2) else None,
+            gumbel_tau=self.current_gumbel_tau() if (self.training and self.stage == 2) else None,
             record=record,
         )
 
@@ -290,6 +317,8 @@ class UniPortraitModule(L.LightningModule):
         self.nonfinite_in_a_row = 0
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, batch_size=bs)
         self.log("train/stage", float(self.stage), batch_size=bs)
+        if self.stage == 2:
+            self.log("train/gumbel_tau", self.current_gumbel_tau(), batch_size=bs)
         if "skipped" in batch:
             self.log("data/skipped", batch["skipped"].sum().float(), reduce_fx="sum", batch_size=bs)
         return out["loss"]
@@ -346,7 +375,7 @@ class UniPortraitModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v.detach().clone() for k, v in self.adapter_state_dict().items()}
-        checkpoint["uniportrait"] = {"stage": self.stage, "format": 1}
+        checkpoint["uniportrait"] = {"stage": self.stage, "stage_start_step": self.stage_start_step, "format": 1}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any], source: str = "checkpoint") -> None:
         """Rebuild the checkpoint's stage (routers, multi-ID LoRA) before Lightning loads the weights."""
@@ -354,6 +383,7 @@ class UniPortraitModule(L.LightningModule):
         if meta is None:
             raise ValueError(f"{source}: not a UniPortrait checkpoint (no 'uniportrait' section)")
         self.configure_stage(int(meta["stage"]))
+        self.stage_start_step = int(meta.get("stage_start_step", 0))
         expected = set(self.adapter_state_dict())
         got = set(checkpoint.get("state_dict", {}))
         missing, unexpected = sorted(expected - got), sorted(got - expected)
@@ -370,6 +400,7 @@ class UniPortraitModule(L.LightningModule):
             raise FileNotFoundError(f"model.init_from: checkpoint not found: '{path}'")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         self.on_load_checkpoint(checkpoint, source=str(path))
+        self.stage_start_step = 0  # weights only: this run's stage starts at its own step 0
         self.load_state_dict(checkpoint["state_dict"], strict=False)
         log.info("loaded adapter weights of stage %d from %s", self.stage, path)
 

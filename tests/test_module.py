@@ -73,6 +73,51 @@ def test_stage2_groups_freeze_id_embedding_and_scale_lora_lr(tiny_world):
         assert torch.equal(p, multi[name.replace(SINGLE, MULTI)])
 
 
+
+def test_lr_scheduler_steps_per_optimizer_step_and_keeps_the_lora_ratio(tiny_world):
+    from src.schedules import WarmupCosine
+
+    m = make_module(tiny_world, stage=2, lr=2e-3, lr_scheduler=lambda opt: WarmupCosine(opt, total_steps=6,
+                                                                                        warmup_steps=2, min_ratio=0.1))
+    conf = m.configure_optimizers()
+    assert conf["lr_scheduler"]["interval"] == "step"  # not Lightning's default "epoch"
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(8):
+        groups = {g["name"]: g["lr"] for g in opt.param_groups}
+        assert groups["lora_multi_id"] == pytest.approx(0.1 * groups["router"])
+        lrs.append(groups["router"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(2e-3)  # warm-up to the peak
+    assert all(a > b for a, b in zip(lrs[2:6], lrs[3:7]))  # cosine decay
+    assert lrs[6] == lrs[7] == pytest.approx(0.1 * 2e-3)  # floor after total_steps
+
+
+def test_gumbel_temperature_anneals_over_the_steps_of_stage_2(tiny_world):
+    from types import SimpleNamespace
+
+    from src.models.router import schedule_tau
+
+    m = make_module(tiny_world, stage=1, gumbel_tau=1.0, gumbel_tau_end=0.25, gumbel_tau_steps=4)
+    trainer = SimpleNamespace(global_step=10)
+    m._trainer = trainer  # a stage switch at global step 10
+    m.configure_stage(2)
+    assert m.stage_start_step == 10
+    m.train()
+    seen = []
+    for step in (10, 12, 14, 20):
+        trainer.global_step = step
+        ctx = m._context(torch.zeros(1, 2, 16, 8), torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 4, 8, 8), None)
+        seen.append(ctx.gumbel_tau)
+    assert seen == [pytest.approx(schedule_tau(s, 1.0, 0.25, 4)) for s in (0, 2, 4, 10)]
+    assert seen[0] == pytest.approx(1.0) and seen[2] == seen[3] == pytest.approx(0.25)
+    m.eval()
+    assert m._context(torch.zeros(1, 2, 16, 8), None, torch.zeros(1, 4, 8, 8), None).gumbel_tau is None  # argmax
+    m._trainer = None
+    with pytest.raises(ValueError, match="must be > 0"):
+        make_module(tiny_world, gumbel_tau_end=0.0, gumbel_tau_steps=4)
+
 def test_stage1_untrained_adapter_is_the_base_model_and_training_reaches_every_part(tiny_world):
     """to_v_faceid starts at zero: the untrained model equals the base UNet exactly (own == other
     identity); after one optimizer step gradients reach the ID embedding and both projections."""
