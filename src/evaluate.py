@@ -271,10 +271,10 @@ class BenchIdentity:
     image: np.ndarray
 
 
-def real_identities(references: Path, k: int | None, recognizer: FaceRecognizer) -> list[BenchIdentity]:
-    """The benchmark's CelebA identities (`<references>/<id>.jpg`), `k` of them spread over the list."""
-    from src.pipeline import Identity
-
+def reference_photos(references: Path, k: int | None) -> list[tuple[str, str, Path, np.ndarray]]:
+    """The benchmark's CelebA reference photos (`<references>/<id>.jpg`), `k` identities spread over the
+    list, read now: a missing folder, a missing photo or a file that is not an image is an error naming
+    it (run() calls this before any weights load). Returns (name, class word, path, RGB uint8) each."""
     if not references.is_dir():
         raise FileNotFoundError(f"--references: no such folder {references} (expected <id>.jpg for the 15 ids)")
     out = []
@@ -282,7 +282,16 @@ def real_identities(references: Path, k: int | None, recognizer: FaceRecognizer)
         path = references / f"{name}.jpg"
         if not path.is_file():
             raise FileNotFoundError(f"--references: reference photo {path} of identity {name} is missing")
-        image = load_rgb(path)
+        out.append((name, word, path, load_rgb(path)))
+    return out
+
+
+def real_identities(photos: list[tuple[str, str, Path, np.ndarray]], recognizer: FaceRecognizer) -> list[BenchIdentity]:
+    """Benchmark identities from `reference_photos`, each with its reference embedding."""
+    from src.pipeline import Identity
+
+    out = []
+    for name, word, path, image in photos:
         emb = recognizer.embed_reference(image)
         if emb is None:
             raise NoFaceError(f"{path}: the recogniser found no face in this reference photo")
@@ -770,6 +779,7 @@ def build_fid_feature(a: argparse.Namespace) -> nn.Module | int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Generate (or reuse) the benchmark images, score them, write results.json / .md / .png."""
     a = resolve(args)
+    photos = reference_photos(a.references, a.identities) if a.world == "real" else None  # before any weights
     pipe, comps, model_label = build_pipeline(a)
     size = pipe.pipe.unet.config.sample_size * pipe.pipe.vae_scale_factor
     manifest = None
@@ -783,7 +793,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if a.world == "synthetic":
         ids = synthetic_identities(manifest, a.identities, recognizer, size, a.out / "references")
     else:
-        ids = real_identities(a.references, a.identities, recognizer)
+        ids = real_identities(photos, recognizer)
     by_name = {b.name: b for b in ids}
 
     routed = bool(adapters.router_parameters(pipe.pipe.unet))

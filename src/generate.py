@@ -118,13 +118,17 @@ def default_checkpoint(runs: Path = DEFAULT_RUNS) -> Path:
 
 
 def read_identities(specs: list[tuple[str, str]]) -> list[Identity]:
+    """Identities from `--face` photos and `--face-crop` crops. Every file is read here, before any
+    weights load, so a missing or non-image file fails at once (UnreadableImageError naming it);
+    face detection on the photos runs later, inside the pipeline."""
     identities = []
     for kind, value in specs:
         files = [Path(v) for v in value.split(",") if v]
+        images = [load_rgb(f) for f in files]
         if kind == "photo":
             identities.append(Identity(references=files))
         else:
-            identities.append(Identity.from_crops([np.array(load_rgb(f)) for f in files]))
+            identities.append(Identity.from_crops([np.array(img) for img in images]))
     return identities
 
 
@@ -133,7 +137,7 @@ def read_masks(paths: list[Path], num_ids: int) -> np.ndarray | None:
         return None
     if len(paths) != num_ids:
         raise ValueError(f"--mask given {len(paths)} times for {num_ids} identities (one per identity)")
-    masks = [np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255.0 for p in paths]
+    masks = [np.asarray(Image.fromarray(load_rgb(p)).convert("L"), dtype=np.float32) / 255.0 for p in paths]
     if len({m.shape for m in masks}) != 1:
         raise ValueError(f"--mask images differ in size: {[m.shape for m in masks]}")
     return (np.stack(masks) > 0.5).astype(np.float32)  # (N, H, W)

@@ -16,6 +16,7 @@ from src.train import main as train_main
 from tests.helpers import tiny_args
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CELEBA_EVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "celeba_eval"
 SMALL_MODEL = ["--model.qformer.depth=1", "--model.lora_rank=4"]
 
 
@@ -167,3 +168,47 @@ def test_trained_checkpoint_scores_higher_face_sim_than_untrained(tiny_world, tm
     before = run_eval(tiny_world, untrained, tmp_path / "e0", *common)["single"]["face_sim"]
     after = run_eval(tiny_world, trained, tmp_path / "e1", *common)["single"]["face_sim"]
     assert after > before, (before, after)
+
+
+def components_yaml(world: Path, path: Path) -> Path:
+    """A `--components` file for the tiny world (what a user writes for real weights)."""
+    import yaml
+
+    from src.tiny import tiny_components
+
+    comps = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(tiny_components(world)).items()}
+    path.write_text(yaml.safe_dump({"model": {"components": comps}}))
+    return path
+
+
+def test_unreadable_reference_photo_is_named_before_any_weights_load(tiny_world, tmp_path, monkeypatch, capsys):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    first = bp.IDENTITIES[0][0]
+    (refs / f"{first}.jpg").write_bytes(b"GIF89a, truncated and not a photo")
+
+    def must_not_load(a):
+        raise AssertionError("weights were loaded before the reference photos were checked")
+
+    monkeypatch.setattr(evaluate, "build_pipeline", must_not_load)
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(["--world", "real", "--components", str(components_yaml(tiny_world, tmp_path / "c.yaml")),
+                       "--references", str(refs), "--identities", "1", "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    assert f"{first}.jpg" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not CELEBA_EVAL.is_dir(), reason="../shared/data/celeba_eval is absent")
+def test_real_world_protocol_on_celeba_reference_photos(tiny_world, checkpoints, tmp_path):
+    """The real-photo path end to end: reference photos detected, aligned and embedded by the pretrained
+    dlib recogniser, identities generated with the tiny checkpoint, scored, written."""
+    out = tmp_path / "eval"
+    res = evaluate.main(["--world", "real", "--components", str(components_yaml(tiny_world, tmp_path / "c.yaml")),
+                         "--checkpoint", str(checkpoints["stage1"]), "--references", str(CELEBA_EVAL),
+                         "--identities", "2", "--prompts", "1", "--images", "1", "--steps", "2", "--protocol",
+                         "single", "--out", str(out), "--device", "cpu"])
+    data = json.loads((out / "results.json").read_text())
+    assert data["world"] == "real" and data["recognizer"] == "dlib"
+    assert [i["name"] for i in data["identities"]] == [n for n, _ in bp.spread(list(bp.IDENTITIES), 2)]
+    assert res["single"]["num_images"] == 2 and 0.0 <= res["single"]["face_sim"] <= 100.0
+    assert (out / "results.md").is_file() and (out / "results.png").is_file()

@@ -103,6 +103,25 @@ def test_face_less_photo_exits_nonzero_naming_the_file(world: dict, tmp_path: Pa
     assert not (tmp_path / "o").exists()
 
 
+
+@pytest.mark.parametrize("flag", ["--face", "--face-crop", "--mask"])
+def test_non_image_input_is_an_error_naming_it_before_any_weights_load(
+    world: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, flag: str
+) -> None:
+    def must_not_load(args):
+        raise AssertionError("weights were loaded before the inputs were checked")
+
+    monkeypatch.setattr(generate, "build_pipeline", must_not_load)
+    notes = tmp_path / "notes_not_a_photo.jpg"
+    notes.write_text("these are meeting notes, not a JPEG")
+    inputs = {"--face": ["--face", str(notes)], "--face-crop": ["--face-crop", str(notes)],
+              "--mask": ["--face-crop", str(world["crops"][0]), "--mask", str(notes)]}[flag]
+    with pytest.raises(SystemExit) as info:
+        generate.main(_base_args(world, tmp_path / "o") + inputs)
+    assert info.value.code == 2
+    assert "notes_not_a_photo.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
 def test_components_yaml_forms(world: dict, tmp_path: Path) -> None:
     cfg = yaml.safe_load(world["config"].read_text())["model"]["components"]
     plain = tmp_path / "plain.yaml"
