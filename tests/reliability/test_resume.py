@@ -15,7 +15,12 @@ from tests.reliability.helpers import callbacks_arg, fit_args, plugins_arg, run_
 MC = "lightning.pytorch.callbacks.ModelCheckpoint"
 
 
-def run_args(world: Path, root: Path, max_steps: int, extra_callbacks=(), multi_switch: bool = False) -> list[str]:
+SCHEDULES = ['--model.lr_scheduler={"class_path": "src.schedules.WarmupCosine", "init_args": {"total_steps": 5, '
+             '"warmup_steps": 1}}', "--model.gumbel_tau_end=0.3", "--model.gumbel_tau_steps=4"]
+
+
+def run_args(world: Path, root: Path, max_steps: int, extra_callbacks=(), multi_switch: bool = False,
+             extra: tuple[str, ...] = ()) -> list[str]:
     cbs = [(MC, {"dirpath": str(root / "ckpt"), "save_last": True, "every_n_train_steps": 1}),
            ("callbacks.reliability.ResumableRNG", {"seed": 0}),
            ("callbacks.reliability.LossCSV", {"path": str(root / "loss.csv")}), *extra_callbacks]
@@ -23,7 +28,7 @@ def run_args(world: Path, root: Path, max_steps: int, extra_callbacks=(), multi_
         cbs.append(("callbacks.stage_switch.StageSwitch",
                     {"at_step": 4, "multi_id_shards": str(world / "data" / "multi" / "train-{000000..000003}.tar")}))
     return [*fit_args(world, root), callbacks_arg(*cbs), plugins_arg(), f"--trainer.max_steps={max_steps}",
-            "--data.epoch_length=5" if not multi_switch else "--data.epoch_length=4"]
+            "--data.epoch_length=5" if not multi_switch else "--data.epoch_length=4", *extra]
 
 
 def kill_at(world: Path, root: Path, step: int, max_steps: int, **kw) -> None:
@@ -68,6 +73,9 @@ def check_resume(world: Path, tmp_path: Path, kill_step: int, max_steps: int, **
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         assert float(sa["step"]) == float(sb["step"])
         torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+    assert b["lr_schedulers"] == a["lr_schedulers"]
+    assert [g["lr"] for g in b["optimizer_states"][0]["param_groups"]] == \
+        [g["lr"] for g in a["optimizer_states"][0]["param_groups"]]
     return ref, run
 
 
@@ -81,9 +89,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_world, tmp
 @pytest.mark.slow
 def test_sigkill_after_the_stage_switch_then_resume_matches(tiny_world, tmp_path):
     """StageSwitch at the end of epoch 0 (step 4); killed at step 6 (stage 2, mid-epoch): the resumed run
-    is in stage 2 on multi-ID data and its losses equal the uninterrupted run's."""
-    _, run = check_resume(tiny_world, tmp_path, kill_step=6, max_steps=9, multi_switch=True)
-    assert torch.load(run / "ckpt" / "last.ckpt", weights_only=True)["uniportrait"]["stage"] == 2
+    is in stage 2 on multi-ID data and its losses equal the uninterrupted run's. With a warm-up/cosine LR
+    schedule and an annealed Gumbel temperature, both rebuilt at the switch: their positions resume too."""
+    _, run = check_resume(tiny_world, tmp_path, kill_step=6, max_steps=9, multi_switch=True, extra=tuple(SCHEDULES))
+    last = torch.load(run / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["uniportrait"]["stage"] == 2 and last["uniportrait"]["stage_start_step"] == 4
+    assert last["lr_schedulers"][0]["last_epoch"] == 9 - 4  # stepped once per stage-2 optimizer step
 
 
 @pytest.mark.slow
