@@ -155,6 +155,37 @@ def test_from_checkpoint_reproduces_the_same_weights(world: dict, pipe: UniPortr
         assert np.array_equal(_arr(_run(ours, ids).images), _arr(_run(pipe, ids).images))
 
 
+
+def test_export_cli_writes_the_released_layout_that_generates_identically(world: dict, pipe: UniPortraitPipeline,
+                                                                         tmp_path: Path) -> None:
+    """A checkpoint trained here -> `python -m src.export` -> released files -> the same images."""
+    import yaml
+
+    from src import export
+
+    comps = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(world["paths"]).items()}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": {"components": comps}}))
+    state = {f"identity.embedding.{k}": v for k, v in pipe.identity.embedding.state_dict().items()}
+    full = adapters.adapter_state_dict(pipe.pipe.unet)
+    for stage in (2, 1):
+        unet = full if stage == 2 else {k: v for k, v in full.items() if "router" not in k and "multi_id" not in k}
+        ckpt = tmp_path / f"stage{stage}.ckpt"
+        torch.save({"state_dict": {**state, **{f"unet.{k}": v for k, v in unet.items()}},
+                    "uniportrait": {"stage": stage, "format": 1},
+                    "hyper_parameters": {"lora_rank": RANK, "qformer": {"dim_head": 16, "heads": 4}}}, ckpt)
+        out = tmp_path / f"released{stage}"
+        written = export.main(["--checkpoint", str(ckpt), "--components", str(tmp_path / "c.yaml"), "--out", str(out)])
+        names = sorted(p.name for p in written)
+        assert names == (["uniportrait-faceid_sd15.bin", "uniportrait-router_sd15.bin"] if stage == 2
+                         else ["uniportrait-faceid_sd15.bin"])
+        router = out / "uniportrait-router_sd15.bin" if stage == 2 else None
+        back = UniPortraitPipeline.from_released(world["paths"], out / "uniportrait-faceid_sd15.bin", router,
+                                                 dim_head=16)
+        ours = UniPortraitPipeline.from_checkpoint(world["paths"], ckpt)
+        for ids in ([ID_A], [ID_A, ID_B]) if stage == 2 else ([ID_A],):
+            assert np.array_equal(_arr(_run(back, ids).images), _arr(_run(ours, ids).images))
+    assert np.array_equal(_arr(_run(back, [ID_A]).images), _arr(_run(pipe, [ID_A]).images))
+
 def test_fused_lora_matches_unfused(pipe: UniPortraitPipeline) -> None:
     plain_single, plain_multi = _run(pipe, [ID_A]), _run(pipe, [ID_A, ID_B])
     pipe.fuse_lora(True)
