@@ -79,6 +79,9 @@ class UniPortraitModule(L.LightningModule):
         stage-1 run: the multi-ID LoRA is then initialised from its single-ID LoRA).
     max_nonfinite_steps: a step whose loss is not finite is skipped and counted; this many in a row
         stop the run (after a checkpoint, see NonFiniteLossError).
+    gradient_checkpointing: recompute the UNet's activations in the backward pass (diffusers'
+        checkpointing; RNG state preserved, so Gumbel samples match): less memory, larger batches.
+    channels_last: keep the UNet in channels-last memory format (faster convolutions on GPUs).
     """
 
     def __init__(
@@ -101,6 +104,8 @@ class UniPortraitModule(L.LightningModule):
         faceid_scale: float = 1.0,
         init_from: str | None = None,
         max_nonfinite_steps: int = 10,
+        gradient_checkpointing: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
@@ -137,6 +142,10 @@ class UniPortraitModule(L.LightningModule):
         adapters.install_faceid_processors(self.unet, id_dim=cross_dim, num_tokens=qformer.num_queries,
                                            value_init="zero")
         adapters.add_lora(self.unet, SINGLE, rank=lora_rank)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self.stage = 0

@@ -118,6 +118,34 @@ def test_gumbel_temperature_anneals_over_the_steps_of_stage_2(tiny_world):
     with pytest.raises(ValueError, match="must be > 0"):
         make_module(tiny_world, gumbel_tau_end=0.0, gumbel_tau_steps=4)
 
+
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "channels_last"])
+def test_speed_and_memory_options_leave_the_loss_and_gradients_unchanged(tiny_world, option):
+    """Stage 2 (router with Gumbel samples, routing loss, multi-ID LoRA): the same loss and gradients
+    with the option on as off; and the option is really in effect."""
+    batch = batch_from(tiny_world, multi=True)
+    runs = []
+    for on in (False, True):
+        m = make_module(tiny_world, stage=2, **{option: on})
+        m.train()
+        torch.manual_seed(1)
+        out = m.shared_step(batch)
+        out["loss"].backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+        runs.append((out, grads, m))
+    (off, g_off, _), (on, g_on, m_on) = runs
+    if option == "gradient_checkpointing":
+        assert m_on.unet.is_gradient_checkpointing
+    else:
+        assert m_on.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert float(off["routing"]) > 0
+    for k in ("diffusion", "routing"):
+        torch.testing.assert_close(on[k], off[k], rtol=1e-5, atol=1e-7)
+    assert set(g_on) == set(g_off) and all(g is not None for g in g_off.values())
+    for n, g in g_off.items():
+        torch.testing.assert_close(g_on[n], g, rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_stage1_untrained_adapter_is_the_base_model_and_training_reaches_every_part(tiny_world):
     """to_v_faceid starts at zero: the untrained model equals the base UNet exactly (own == other
     identity); after one optimizer step gradients reach the ID embedding and both projections."""
