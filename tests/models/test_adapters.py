@@ -95,6 +95,12 @@ def test_sdxl_shaped_forward_and_backward_reach_faceid_projections() -> None:
     for key, p in lora_b.items():  # B gets gradient (A does not yet: B is zero-initialised)
         assert p.grad is not None and p.grad.abs().sum() > 0, key
     assert all(p.grad is None for n, p in unet.named_parameters() if not p.requires_grad)
+    # ... and an optimizer step over exactly the trainable parameters moves them, and only them
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0).step()
+    moved = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {n for n, p in unet.named_parameters() if p.requires_grad and p.grad.abs().sum() > 0}
+    assert set(faceid_parameters(unet)) <= moved
 
 
 @pytest.mark.parametrize("factory,sizes", [
