@@ -189,3 +189,27 @@ def test_init_from_attention_copies_text_projections_when_shapes_match() -> None
     before = other.to_k_faceid.weight.clone()
     assert not other.init_from_attention(attn)
     assert torch.equal(other.to_k_faceid.weight, before)
+
+
+@pytest.mark.parametrize("case", ["one_id", "routed_gumbel_recorded", "routed_argmax", "masks"])
+def test_processor_traces_into_one_graph_without_breaks(case: str) -> None:
+    """torch.compile of a UNet with these processors needs no graph break in the face-ID branch."""
+    import torch._dynamo
+
+    n = 1 if case == "one_id" else 2
+    attn = _layer()
+    attn.set_processor(_proc(attn, with_router=case.startswith("routed")))
+    hidden, text, tokens = _inputs(n=n)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    masks = torch.rand(2, n, 8, 12) if case == "masks" else None
+
+    def forward(hidden, text, tokens, valid):
+        ctx = FaceIDContext(tokens=tokens, latent_hw=LAT_HW, valid=valid, masks=masks,
+                            gumbel_tau=1.0 if case == "routed_gumbel_recorded" else None,
+                            record=RoutingRecord() if case == "routed_gumbel_recorded" else None)
+        return attn(hidden, encoder_hidden_states=text, faceid=ctx)
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(forward)(hidden, text, tokens, valid)
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+    assert explained.graph_count == 1
