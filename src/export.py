@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from src import convert
+from src.models import adapters
 
 FACEID_NAME, ROUTER_NAME = "uniportrait-faceid_sd15", "uniportrait-router_sd15"
 
@@ -28,8 +29,9 @@ def export(checkpoint: Path, components_yaml: Path | None, out: Path, base_model
     pipe = UniPortraitPipeline.from_checkpoint(load_components(components_yaml, base_model), checkpoint)
     suffix = ".safetensors" if safetensors else ".bin"
     faceid = out / f"{FACEID_NAME}{suffix}"
-    router = out / f"{ROUTER_NAME}{suffix}" if convert.read_checkpoint(checkpoint).stage == 2 else None
-    convert.export_released(pipe.pipe.unet, pipe.identity.embedding, faceid, router)
+    unet = pipe.pipe.unet
+    router = out / f"{ROUTER_NAME}{suffix}" if adapters.router_parameters(unet) else None  # a stage-2 checkpoint
+    convert.export_released(unet, pipe.identity.embedding, faceid, router)
     return [faceid] + ([router] if router is not None else [])
 
 

@@ -22,3 +22,13 @@ def tiny_args(world: Path, multi: bool = False) -> list[str]:
         "--data.epoch_length=4",
         "--trainer.enable_progress_bar=false",
     ]
+
+
+def write_components_yaml(components, path: Path) -> Path:
+    """A `--components` file ({model: {components: ...}}, what a user writes for real weights) for a
+    ComponentPaths; returns `path`."""
+    import yaml
+
+    comps = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(components).items()}
+    path.write_text(yaml.safe_dump({"model": {"components": comps}}))
+    return path

@@ -13,7 +13,7 @@ from PIL import Image
 from src import benchmark_prompts as bp
 from src import evaluate
 from src.train import main as train_main
-from tests.helpers import tiny_args
+from tests.helpers import tiny_args, write_components_yaml
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CELEBA_EVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "celeba_eval"
@@ -171,14 +171,9 @@ def test_trained_checkpoint_scores_higher_face_sim_than_untrained(tiny_world, tm
 
 
 def components_yaml(world: Path, path: Path) -> Path:
-    """A `--components` file for the tiny world (what a user writes for real weights)."""
-    import yaml
-
     from src.tiny import tiny_components
 
-    comps = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(tiny_components(world)).items()}
-    path.write_text(yaml.safe_dump({"model": {"components": comps}}))
-    return path
+    return write_components_yaml(tiny_components(world), path)
 
 
 def test_unreadable_reference_photo_is_named_before_any_weights_load(tiny_world, tmp_path, monkeypatch, capsys):

@@ -159,12 +159,10 @@ def test_from_checkpoint_reproduces_the_same_weights(world: dict, pipe: UniPortr
 def test_export_cli_writes_the_released_layout_that_generates_identically(world: dict, pipe: UniPortraitPipeline,
                                                                          tmp_path: Path) -> None:
     """A checkpoint trained here -> `python -m src.export` -> released files -> the same images."""
-    import yaml
-
     from src import export
+    from tests.helpers import write_components_yaml
 
-    comps = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(world["paths"]).items()}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": {"components": comps}}))
+    write_components_yaml(world["paths"], tmp_path / "c.yaml")
     state = {f"identity.embedding.{k}": v for k, v in pipe.identity.embedding.state_dict().items()}
     full = adapters.adapter_state_dict(pipe.pipe.unet)
     for stage in (2, 1):
