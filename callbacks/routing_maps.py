@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import lightning as L
@@ -37,6 +38,15 @@ def routing_panel(image: torch.Tensor, hard: list[torch.Tensor], masks: torch.Te
     tiles += [0.5 * base + 0.5 * colourise(h.float().cpu() * valid.float().cpu()[..., None, None], size) for h in hard]
     rows = torch.stack(tiles, dim=1).flatten(0, 1)  # (B * (2 + L), 3, H, W)
     return make_grid(rows, nrow=len(tiles), padding=2, pad_value=1.0)
+
+
+def short_layer_name(name: str) -> str:
+    """'down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor' -> 'down1.0' (mid: 'mid.0')."""
+    m = re.match(r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)", name)
+    if m:
+        return f"{m[1]}{m[2]}.{m[3]}"
+    m = re.match(r"mid_block\.attentions\.(\d+)", name)
+    return f"mid.{m[1]}" if m else name
 
 
 class RoutingMapLogger(L.Callback):
@@ -98,7 +108,10 @@ class RoutingMapLogger(L.Callback):
 class RoutingAccuracyReport(L.Callback):
     """Before and after training: routing accuracy on held-out multi-face shards, per timestep band,
     split by the number of faces (2, 3, ...), for each named split (e.g. seen / unseen identities).
-    Printed at the end of training and logged as `routing_report/<split>/<n>faces/<band>`.
+    Printed at the end of training and logged as `routing_report/<split>/<n>faces/<band>`. After
+    training it also prints each routed layer's accuracy (name and resolution) in the t<250 band and
+    over all bands, which shows where the pooled number is lost (coarse layers hold most face
+    boundaries); kept in `self.after_layers` as {group: {layer: {band: acc}}}.
 
     splits: name -> shard pattern. max_batches: batches per split. band_samples: timesteps per band.
     """
@@ -108,6 +121,7 @@ class RoutingAccuracyReport(L.Callback):
         self.splits, self.max_batches, self.batch_size = splits, max_batches, batch_size
         self.band_samples, self.seed = band_samples, seed
         self.before: dict[str, dict[str, float]] | None = None
+        self.after_layers: dict[str, dict[str, dict[str, float]]] = {}
 
     def _batches(self, pattern: str, resolution: int):
         from datamodules.datamodule import FaceShardDataModule
@@ -121,11 +135,14 @@ class RoutingAccuracyReport(L.Callback):
             yield batch
 
     def measure(self, trainer, pl_module) -> dict[str, dict[str, float]]:
+        """{"<split>/<n>faces": {band: acc}} pooled over layers; per-layer values go to `self.layers`."""
         resolution = getattr(trainer.datamodule, "resolution", 64)
         results: dict[str, dict[str, float]] = {}
+        self.layers: dict[str, dict[str, dict[str, float]]] = {}
         g = torch.Generator().manual_seed(self.seed)
         for name, pattern in self.splits.items():
             metrics: dict[int, RoutingAccuracy] = {}
+            per_layer: dict[tuple[int, str], RoutingAccuracy] = {}
             for batch in self._batches(pattern, resolution):
                 batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
                 n_faces = batch["face_valid"].sum(1).cpu()
@@ -136,11 +153,17 @@ class RoutingAccuracyReport(L.Callback):
                         for n in n_faces.unique().tolist():
                             sel = n_faces == n
                             m = metrics.setdefault(int(n), RoutingAccuracy())
-                            for hard in out["hard"]:
-                                m.update(hard.cpu()[sel], out["masks"].cpu()[sel], out["valid"].cpu()[sel],
-                                         torch.full((int(sel.sum()),), t))
+                            for layer, hard in zip(out["names"], out["hard"]):
+                                args = (hard.cpu()[sel], out["masks"].cpu()[sel], out["valid"].cpu()[sel],
+                                        torch.full((int(sel.sum()),), t))
+                                m.update(*args)
+                                key = (int(n), f"{short_layer_name(layer)}@{hard.shape[-2]}x{hard.shape[-1]}")
+                                per_layer.setdefault(key, RoutingAccuracy()).update(*args)
             for n, m in sorted(metrics.items()):
                 results[f"{name}/{n}faces"] = {k: float(v) for k, v in m.compute().items()}
+            for (n, layer), m in per_layer.items():
+                group = self.layers.setdefault(f"{name}/{n}faces", {})
+                group[layer] = {k: float(v) for k, v in m.compute().items()}
         return results
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -155,6 +178,10 @@ class RoutingAccuracyReport(L.Callback):
             for group, bands in (res or {}).items():
                 cells = "  ".join(f"{b}: {v:.3f}" for b, v in bands.items())
                 print(f"[routing accuracy] {when} {group}: {cells}", flush=True)
+        self.after_layers = self.layers
+        for group, layers in sorted(self.after_layers.items()):
+            cells = "  ".join(f"{layer}: {v['t<250']:.3f}/{v['all']:.3f}" for layer, v in layers.items())
+            print(f"[routing accuracy] after {group}, per layer (t<250/all bands): {cells}", flush=True)
         exp = getattr(trainer.logger, "experiment", None)
         if hasattr(exp, "add_scalar"):
             for group, bands in after.items():

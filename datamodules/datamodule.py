@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 
 from datamodules.loader import EpochLoader, FaceShardDataset, StreamConfig, make_loader, resolve_shards
@@ -46,6 +47,11 @@ class FaceShardDataModule(pl.LightningDataModule):
         resampled: draw shards with replacement, endlessly (multi-node); pair with `epoch_length`.
         epoch_length: batches per epoch on each rank (None: one pass over this rank's shards).
         random_crop: random face-preserving crops in training (False: the deterministic eval crop).
+        pin_memory: page-locked batches for faster host-to-GPU copies (None: when CUDA is available).
+        prefetch_factor: batches each worker loads ahead (None: PyTorch's default, 2; needs workers).
+        cached_latents: read the VAE latents cached in the shards (`python -m datamodules.latent_cache`) instead
+            of letting the module encode images; crops are the cached ones, so `random_crop` must be False.
+            Samples without a latent for `resolution` are skipped, counted and logged.
     """
 
     def __init__(
@@ -63,6 +69,9 @@ class FaceShardDataModule(pl.LightningDataModule):
         resampled: bool = False,
         epoch_length: int | None = None,
         random_crop: bool = True,
+        pin_memory: bool | None = None,
+        prefetch_factor: int | None = None,
+        cached_latents: bool = False,
     ) -> None:
         super().__init__()
         if max_faces < 1:
@@ -71,6 +80,11 @@ class FaceShardDataModule(pl.LightningDataModule):
             raise ValueError(f"p_other_reference={p_other_reference} must be in [0, 1]")
         if epoch_length is not None and epoch_length < 1:
             raise ValueError(f"epoch_length={epoch_length} must be >= 1 or None")
+        if cached_latents and random_crop:
+            raise ValueError("data.cached_latents=true needs data.random_crop=false: the cached latents are of one "
+                             "fixed crop per image (see datamodules/latent_cache.py)")
+        if prefetch_factor is not None and (prefetch_factor < 1 or num_workers == 0):
+            raise ValueError(f"prefetch_factor={prefetch_factor} needs num_workers > 0 (got {num_workers}) and must be >= 1")
         self.save_hyperparameters()
         self.train_shards = train_shards
         self.val_shards = val_shards
@@ -85,6 +99,9 @@ class FaceShardDataModule(pl.LightningDataModule):
         self.resampled = resampled
         self.epoch_length = epoch_length
         self.random_crop = random_crop
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.prefetch_factor = prefetch_factor
+        self.cached_latents = cached_latents
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
 
@@ -135,6 +152,7 @@ class FaceShardDataModule(pl.LightningDataModule):
             world_size=world,
             epoch_batches=self.epoch_length if training else None,
             batch_size=self.batch_size,
+            cached_latents=self.cached_latents,
         )
 
     def train_dataloader(self) -> EpochLoader:
@@ -144,11 +162,14 @@ class FaceShardDataModule(pl.LightningDataModule):
         dataset = FaceShardDataset(self._stream_config(self._train_urls, training=True), training=True)
         trainer = getattr(self, "trainer", None)
         if trainer is None:
-            return make_loader(dataset, self.batch_size, self.num_workers)
+            return make_loader(dataset, self.batch_size, self.num_workers, **self._loader_options())
         return make_loader(
             dataset, self.batch_size, self.num_workers, epoch_source=lambda: int(trainer.current_epoch),
-            position_source=lambda: trained_batches(trainer),
+            position_source=lambda: trained_batches(trainer), **self._loader_options(),
         )
+
+    def _loader_options(self) -> dict[str, Any]:
+        return {"pin_memory": self.pin_memory, "prefetch_factor": self.prefetch_factor}
 
     def val_dataloader(self) -> EpochLoader | list:
         """Deterministic validation batches (no shuffle, eval crop); [] without val_shards."""
@@ -157,7 +178,7 @@ class FaceShardDataModule(pl.LightningDataModule):
         if self._val_urls is None:
             self._val_urls = resolve_shards(self.val_shards)
         dataset = FaceShardDataset(self._stream_config(self._val_urls, training=False), training=False)
-        return make_loader(dataset, self.batch_size, self.num_workers, epoch_source=lambda: 0)
+        return make_loader(dataset, self.batch_size, self.num_workers, epoch_source=lambda: 0, **self._loader_options())
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -34,6 +34,8 @@ Batch contract of :func:`collate_faces` (B samples, Nmax = most faces in the bat
     key         list[str]
     num_faces   long  (B,)
     skipped     long  (B,)
+    latents     float (B, C, H/f, W/f)  only with cached latents (StreamConfig.cached_latents): scaled VAE latents
+    latent_scaling float64 (B,)       the VAE scaling factor each cached latent was made with
 """
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.schema import Sample, SampleError, decode_sample
-from datamodules.transforms import eval_face_crop, random_face_crop
+from datamodules.schema import LATENT_KEY, Sample, SampleError, decode_sample
+from datamodules.transforms import crop_and_resize, eval_face_crop, random_face_crop
 from src.conventions import FACE_RECOG_SIZE, uint8_to_unit
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,7 @@ class StreamConfig:
     batch_size: int = 1
     cache_per_identity: int = 4
     cache_identities: int = 1024
+    cached_latents: bool = False  # read `latent.npz` (datamodules.latent_cache) and crop with its box
 
 
 def check_arrays(sample: Sample, where: str) -> None:
@@ -224,12 +227,19 @@ def select_faces(sample: Sample, keep: int) -> tuple[Sample, int]:
 
 
 def sample_to_item(sample: Sample, cfg: StreamConfig, rng: np.random.Generator, training: bool) -> dict[str, Any]:
-    """Crop/resize a selected Sample into the per-sample item that `collate_faces` batches."""
-    if training and cfg.random_crop:
+    """Crop/resize a selected Sample into the per-sample item that `collate_faces` batches.
+
+    With cached latents the crop is the cached latent's box (the one it was encoded from), so image, masks
+    and latent agree; the item then carries `latents` (C, R/f, R/f) and `latent_scaling`.
+    """
+    cached = sample.extra.get("latent") if cfg.cached_latents else None
+    if cached is not None:
+        sample = crop_and_resize(sample, *cached.box, cfg.resolution)
+    elif training and cfg.random_crop:
         sample = random_face_crop(sample, cfg.resolution, rng, cfg.min_crop_scale)
     else:
         sample = eval_face_crop(sample, cfg.resolution)
-    return {
+    item = {
         "image": sample.image,  # uint8 (R, R, 3)
         "caption": sample.caption,
         "recog": sample.recog,  # uint8 (n, 112, 112, 3)
@@ -239,6 +249,10 @@ def sample_to_item(sample: Sample, cfg: StreamConfig, rng: np.random.Generator, 
         "reference_key": [sample.key] * len(sample.faces),
         "key": sample.key,
     }
+    if cached is not None:
+        item["latents"] = cached.latent  # float16 (C, R/f, R/f)
+        item["latent_scaling"] = cached.scaling_factor
+    return item
 
 
 def swap_reference(item: dict[str, Any], cache: ReferenceCache, p: float, rng: np.random.Generator) -> None:
@@ -389,6 +403,11 @@ class FaceShardDataset(IterableDataset):
             if not sample.faces:
                 counter.skip(f"{r.get('__url__', '?')}:{sample.key}: no face")
                 continue
+            if cfg.cached_latents:
+                reason = _latent_problem(sample, cfg.resolution)
+                if reason:
+                    counter.skip(f"{r.get('__url__', '?')}:{sample.key}: {reason}")
+                    continue
             try:  # geometry that decodes but cannot be used (e.g. a box of 2 numbers) is bad data, not a crash
                 sample, dropped = select_faces(sample, keep)
                 item = sample_to_item(sample, cfg, rng, self.training)
@@ -403,6 +422,16 @@ class FaceShardDataset(IterableDataset):
                 swap_reference(item, cache, cfg.p_other_reference, rng)
             item["skipped"] = counter.take()
             yield item
+
+
+def _latent_problem(sample: Sample, resolution: int) -> str | None:
+    """Why a sample's cached latent cannot be used at `resolution` (None when it can)."""
+    cached = sample.extra.get("latent")
+    if cached is None:
+        return f"no cached latent (field '{LATENT_KEY}'; write it with python -m datamodules.latent_cache)"
+    if cached.resolution != resolution:
+        return f"cached latent is for resolution {cached.resolution}, data.resolution is {resolution}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- collate
@@ -447,6 +476,16 @@ def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
         "key": [it["key"] for it in items],
         "num_faces": torch.tensor([len(it["identity"]) for it in items], dtype=torch.long),
         "skipped": torch.tensor([it["skipped"] for it in items], dtype=torch.long),
+    } | _collate_latents(items)
+
+
+def _collate_latents(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """{"latents": (B, C, h, w) float32, "latent_scaling": (B,) float64} when every item has a cached latent."""
+    if not all("latents" in it for it in items):
+        return {}
+    return {
+        "latents": torch.from_numpy(np.stack([it["latents"] for it in items]).astype(np.float32)),
+        "latent_scaling": torch.tensor([it["latent_scaling"] for it in items], dtype=torch.float64),
     }
 
 
@@ -505,11 +544,12 @@ class EpochLoader(DataLoader):
 
 def make_loader(
     dataset: FaceShardDataset, batch_size: int, num_workers: int, epoch_source: Callable[[], int] | None = None,
-    position_source: Callable[[], int] | None = None,
+    position_source: Callable[[], int] | None = None, pin_memory: bool = False, prefetch_factor: int | None = None,
 ) -> EpochLoader:
-    """The DataLoader over a FaceShardDataset with `collate_faces` (no sampler: the dataset splits itself)."""
+    """The DataLoader over a FaceShardDataset with `collate_faces` (no sampler: the dataset splits itself).
+    Workers are not persistent (see EpochLoader); `prefetch_factor` applies only with workers."""
     return EpochLoader(
         dataset, epoch_source=epoch_source, position_source=position_source, batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_faces, persistent_workers=False, pin_memory=False,
+        num_workers=num_workers, collate_fn=collate_faces, persistent_workers=False, pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )

@@ -15,7 +15,11 @@ One sample = files sharing a ``__key__`` inside a tar shard:
 | ``recog.npz`` | ``crops``: uint8 (N, 112, 112, 3), each face aligned to ARCFACE_TEMPLATE_112     |
 | ``clip.npz``  | ``crops``: uint8 (N, S, S, 3), the matching larger aligned crop for CLIP         |
 
-Optional caches (issue 7) may add ``latent.npy`` etc.; readers ignore unknown extensions.
+| ``latent.npz``| optional (``datamodules.latent_cache``): ``latent`` float16 (C, R/f, R/f), the  |
+|               | scaled VAE latent of the crop ``box`` (x0, y0, side) resized to ``resolution``;  |
+|               | ``scaling_factor`` of the VAE; decoded into ``Sample.extra["latent"]``           |
+
+Readers ignore unknown extensions.
 Every face in ``faces.json`` has one mask and one crop of each kind, in the same order.
 """
 from __future__ import annotations
@@ -67,6 +71,37 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
 def _npz_load(data: bytes, name: str) -> np.ndarray:
     with np.load(io.BytesIO(data), allow_pickle=False) as f:
         return f[name]
+
+
+LATENT_KEY = "latent.npz"
+
+
+@dataclass(frozen=True)
+class CachedLatent:
+    latent: np.ndarray  # float16 (C, h, w), already multiplied by the VAE's scaling factor
+    box: tuple[int, int, int]  # (x0, y0, side) in pixels of the full image
+    resolution: int  # the crop was resized to (resolution, resolution) before encoding
+    scaling_factor: float
+
+
+def encode_latent(c: CachedLatent) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, latent=c.latent.astype(np.float16), box=np.asarray(c.box, np.int64),
+             resolution=np.int64(c.resolution), scaling_factor=np.float64(c.scaling_factor))
+    return buf.getvalue()
+
+
+def decode_latent(data: bytes, where: str) -> CachedLatent:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            latent, box = f["latent"], f["box"]
+            resolution, scale = int(f["resolution"]), float(f["scaling_factor"])
+    except Exception as e:
+        raise SampleError(f"{where}: field '{LATENT_KEY}' is unreadable ({e})") from e
+    if latent.ndim != 3 or box.shape != (3,) or not np.isfinite(latent).all():
+        raise SampleError(f"{where}: field '{LATENT_KEY}' holds a latent of shape {latent.shape} and box "
+                          f"{box.shape}; expected (C, h, w), finite, and (3,)")
+    return CachedLatent(latent, (int(box[0]), int(box[1]), int(box[2])), resolution, scale)
 
 
 def encode_sample(s: Sample, jpeg_quality: int = 95) -> dict[str, Any]:
@@ -134,7 +169,8 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
         )
     if n and masks.shape[1:] != image.shape[:2]:
         raise SampleError(f"{where}: masks are {masks.shape[1:]} but the image is {image.shape[:2]}")
+    extra = {"latent": decode_latent(raw[LATENT_KEY], where)} if LATENT_KEY in raw else {}
     return Sample(
         key=key, image=image, caption=caption, faces=faces, masks=masks, recog=recog, clip=clip,
-        source=meta.get("source", ""),
+        source=meta.get("source", ""), extra=extra,
     )

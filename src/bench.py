@@ -3,7 +3,9 @@
 Measures samples/s and peak resident memory of full training steps (frozen encoders, forward,
 backward, optimizer) on the embedded default, prints a table, and rewrites the section between
 the markers in docs/benchmarks.md with the machine, versions and date.
-(The SD1.5-scale GPU benchmark of issue 7 is not implemented yet.)
+On a machine with CUDA it then runs the SD1.5-scale benchmark (`src/bench_sd15.py`: random weights,
+baseline LoRA loop, both stages eager and compiled, batch 64 with gradient checkpointing, inference with
+0/1/2 identities against the plain pipeline) and records it too.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 BEGIN, END = "<!-- bench:cpu:begin -->", "<!-- bench:cpu:end -->"
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "stage1.yaml"
 
 
 def _batch(world: Path, multi: bool, batch_size: int):
@@ -50,7 +53,7 @@ def run(world: Path, batch_size: int, steps: int) -> list[dict]:
     from src.train import resolve_config
     from src.tiny import tiny_components
 
-    cfg = resolve_config(Path("configs/tiny/stage1.yaml"))["model"]
+    cfg = resolve_config(TINY_CONFIG)["model"]
     rows = []
     for stage in (1, 2):
         torch.manual_seed(0)
@@ -59,19 +62,26 @@ def run(world: Path, batch_size: int, steps: int) -> list[dict]:
             qformer=QFormerSpec(**cfg["qformer"]),
         )
         batch = _batch(world, multi=stage == 2, batch_size=batch_size)
-        sec = time_steps(module, batch, steps)
-        rows.append({
-            "stage": stage, "batch": batch_size, "step_s": sec, "samples_per_s": batch_size / sec,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-            "faces": float(batch["face_valid"].sum(1).float().mean()),
-        })
+        # the same batch as `data.cached_latents=true` delivers it (datamodules/latent_cache.py)
+        cached = dict(batch, latents=module.encode_images(batch["image"]),
+                      latent_scaling=torch.full((batch_size,), float(module.vae.config.scaling_factor),
+                                                dtype=torch.float64))
+        for latents, b in (("encoded", batch), ("cached", cached)):
+            sec = time_steps(module, b, steps)
+            rows.append({
+                "stage": stage, "latents": latents, "batch": batch_size, "step_s": sec,
+                "samples_per_s": batch_size / sec,
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+                "faces": float(batch["face_valid"].sum(1).float().mean()),
+            })
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| stage | batch | faces/image | step (s) | samples/s | peak RSS (GB) |", "|---|---|---|---|---|---|"]
+    lines = ["| stage | VAE latents | batch | faces/image | step (s) | samples/s | peak RSS (GB) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['batch']} | {r['faces']:.2f} | {r['step_s']:.3f} | "
+        lines.append(f"| {r['stage']} | {r['latents']} | {r['batch']} | {r['faces']:.2f} | {r['step_s']:.3f} | "
                      f"{r['samples_per_s']:.1f} | {r['peak_rss_gb']:.2f} |")
     return "\n".join(lines)
 
@@ -84,13 +94,20 @@ def record(rows: list[dict], doc: Path) -> None:
     head = (f"Measured {dt.date.today().isoformat()} on {platform.processor() or platform.machine()} "
             f"({os.cpu_count()} cores, {gpu}; CPU run), {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, diffusers {diffusers.__version__}, "
             f"lightning {lightning.__version__}; tiny preset (configs/tiny/stage1.yaml), 64 px, fp32, "
-            "full training step incl. frozen encoders.")
-    block = f"{BEGIN}\n{head}\n\n{table(rows)}\n{END}"
+            "full training step incl. frozen encoders; `cached` = latents read from the shards "
+            "(`data.cached_latents`), no VAE encode.")
+    write_section(doc, BEGIN, END, f"{head}\n\n{table(rows)}", "Tiny preset, CPU training step (`make bench`)")
+
+
+def write_section(doc: Path, begin: str, end: str, body: str, heading: str) -> None:
+    """Replace what lies between the `begin` / `end` markers of `doc` with `body` (or append a new
+    `## heading` section with the markers); the rest of the file is kept as it is."""
+    block = f"{begin}\n{body}\n{end}"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip() + "\n\n## Tiny preset, CPU training step (`make bench`)\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
     doc.write_text(text)
 
 
@@ -109,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     if not a.no_record:
         record(rows, a.doc)
         print(f"recorded in {a.doc}")
+    if torch.cuda.is_available():
+        from src import bench_sd15
+
+        bench_sd15.main(["--compile", "--big-batch", "64", "--doc", str(a.doc)] + (["--no-record"] if a.no_record else []))
+    else:
+        print("no CUDA device: the SD1.5-scale benchmark (python -m src.bench_sd15) was skipped")
 
 
 if __name__ == "__main__":

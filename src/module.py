@@ -82,6 +82,11 @@ class UniPortraitModule(L.LightningModule):
     gradient_checkpointing: recompute the UNet's activations in the backward pass (diffusers'
         checkpointing; RNG state preserved, so Gumbel samples match): less memory, larger batches.
     channels_last: keep the UNet in channels-last memory format (faster convolutions on GPUs).
+    compile_unet: `torch.compile` the UNet with its adapters in place (parameter names and
+        checkpoints unchanged; the face-ID processor traces without graph breaks). The stage switch
+        adds routers and a LoRA, which recompiles once.
+    compile_backend / compile_mode: passed to `torch.compile` ("inductor" needs a C++ compiler on
+        the CPU; "aot_eager" does not).
     """
 
     def __init__(
@@ -106,6 +111,9 @@ class UniPortraitModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
+        compile_unet: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
@@ -146,6 +154,8 @@ class UniPortraitModule(L.LightningModule):
             self.unet.enable_gradient_checkpointing()
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
+        if compile_unet:
+            self.unet.compile(backend=compile_backend, mode=compile_mode)  # in place: same state_dict keys
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self.stage = 0
@@ -279,8 +289,25 @@ class UniPortraitModule(L.LightningModule):
         )
         return noise, t, self.scheduler.add_noise(latents, noise, t)
 
+    def batch_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scaled latents (B, C, h, w): the batch's cached ones (`data.cached_latents`) when present, checked
+        against this VAE's scaling factor and latent shape, else encoded from the images now."""
+        if "latents" not in batch:
+            return self.encode_images(batch["image"])
+        latents, scaling = batch["latents"], batch["latent_scaling"]
+        expected = float(self.vae.config.scaling_factor)
+        if not torch.allclose(scaling.double().cpu(), torch.full_like(scaling.double().cpu(), expected)):
+            raise ValueError(f"cached latents were made with VAE scaling factor(s) {sorted(set(scaling.tolist()))}, "
+                             f"this model's VAE has {expected}: recache with this VAE (datamodules.latent_cache)")
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        want = (self.vae.config.latent_channels, batch["image"].shape[-2] // f, batch["image"].shape[-1] // f)
+        if tuple(latents.shape[1:]) != want:
+            raise ValueError(f"cached latents are {tuple(latents.shape[1:])} per image, this VAE makes {want} at "
+                             f"{tuple(batch['image'].shape[-2:])} px: recache with this VAE and resolution")
+        return latents.to(self.device, self.vae.dtype)
+
     def shared_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        latents = self.encode_images(batch["image"])  # (B, 4, h, w)
+        latents = self.batch_latents(batch)  # (B, 4, h, w)
         text = self.encode_text(batch["caption"])
         valid = batch["face_valid"]
         drop = None

@@ -119,14 +119,18 @@ def test_gumbel_temperature_anneals_over_the_steps_of_stage_2(tiny_world):
         make_module(tiny_world, gumbel_tau_end=0.0, gumbel_tau_steps=4)
 
 
-@pytest.mark.parametrize("option", ["gradient_checkpointing", "channels_last"])
+OPTIONS = {"gradient_checkpointing": {"gradient_checkpointing": True}, "channels_last": {"channels_last": True},
+           "compile_unet": {"compile_unet": True, "compile_backend": "aot_eager"}}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
 def test_speed_and_memory_options_leave_the_loss_and_gradients_unchanged(tiny_world, option):
     """Stage 2 (router with Gumbel samples, routing loss, multi-ID LoRA): the same loss and gradients
     with the option on as off; and the option is really in effect."""
     batch = batch_from(tiny_world, multi=True)
     runs = []
     for on in (False, True):
-        m = make_module(tiny_world, stage=2, **{option: on})
+        m = make_module(tiny_world, stage=2, **(OPTIONS[option] if on else {}))
         m.train()
         torch.manual_seed(1)
         out = m.shared_step(batch)
@@ -136,8 +140,11 @@ def test_speed_and_memory_options_leave_the_loss_and_gradients_unchanged(tiny_wo
     (off, g_off, _), (on, g_on, m_on) = runs
     if option == "gradient_checkpointing":
         assert m_on.unet.is_gradient_checkpointing
-    else:
+    elif option == "channels_last":
         assert m_on.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert m_on.unet._compiled_call_impl is not None
+        assert set(m_on.adapter_state_dict()) == set(runs[0][2].adapter_state_dict())  # checkpoints unchanged
     assert float(off["routing"]) > 0
     for k in ("diffusion", "routing"):
         torch.testing.assert_close(on[k], off[k], rtol=1e-5, atol=1e-7)
@@ -237,3 +244,32 @@ def test_wrong_checkpoint_layout_is_a_clear_error(tiny_world, tmp_path):
     torch.save({"state_dict": {"foo": torch.zeros(1)}, "uniportrait": {"stage": 1}}, path)
     with pytest.raises(ValueError, match="does not match the model"):
         make_module(tiny_world, init_from=str(path))
+
+
+def test_routing_report_pools_layers_and_breaks_them_down(tiny_world, capsys):
+    """The end-of-stage-2 report: one group per split and face count, every routed layer listed,
+    and the pooled accuracy a position-weighted mean of the layers' (so between their extremes)."""
+    from types import SimpleNamespace
+
+    from callbacks.routing_maps import RoutingAccuracyReport
+
+    m = make_module(tiny_world, stage=2)
+    heldout = tiny_world / "data" / "heldout"
+    report = RoutingAccuracyReport(splits={"seen": str(heldout / "multi_seen-000000.tar"),
+                                           "unseen": str(heldout / "multi_unseen-000000.tar")},
+                                   max_batches=1, batch_size=8, band_samples=1)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(resolution=64), is_global_zero=True, logger=None,
+                              global_step=0)
+    report.before = report.measure(trainer, m)
+    report.on_train_end(trainer, m)
+    groups = set(report.after)
+    assert groups and {g.split("/")[0] for g in groups} == {"seen", "unseen"}
+    assert all(g.split("/")[1] in {"2faces", "3faces"} for g in groups)
+    n_layers = len(adapters.faceid_processors(m.unet))
+    for group, pooled in report.after.items():
+        layers = report.after_layers[group]
+        assert len(layers) == n_layers
+        per_layer = [v["all"] for v in layers.values() if v["all"] == v["all"]]  # drop NaN (no face cell)
+        assert min(per_layer) - 1e-6 <= pooled["all"] <= max(per_layer) + 1e-6
+    out = capsys.readouterr().out
+    assert "per layer (t<250/all bands)" in out and "@16x16" in out

@@ -277,3 +277,16 @@ def test_runs_under_a_lightning_trainer_and_reshuffles_by_trainer_epoch(data: di
     assert sorted(model.keys[0]) == sorted(model.keys[1]) and len(model.keys[0]) == 24
     assert model.keys[0] != model.keys[1]  # the trainer's epoch reseeds the shuffle
     assert model.skipped == 0
+
+
+def test_loader_options_reach_the_dataloader_and_keep_the_batches(data: dict) -> None:
+    """pin_memory / prefetch_factor are passed through (pinning defaults to CUDA's presence) and change
+    nothing in what is loaded; a prefetch factor without workers is rejected."""
+    dm = make_dm(data["single"], num_workers=2, prefetch_factor=4, pin_memory=False)
+    loader = dm.train_dataloader()
+    assert loader.prefetch_factor == 4 and loader.pin_memory is False
+    assert make_dm(data["single"]).pin_memory == torch.cuda.is_available()
+    plain = [b["key"] for b in make_dm(data["single"], num_workers=2).train_dataloader()]
+    assert [b["key"] for b in loader] == plain
+    with pytest.raises(ValueError, match="prefetch_factor=4 needs num_workers > 0"):
+        make_dm(data["single"], num_workers=0, prefetch_factor=4)

@@ -1,0 +1,124 @@
+"""Cached VAE latents (datamodules.latent_cache): written once, read by the DataModule instead of encoding."""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from datamodules.datamodule import FaceShardDataModule
+from datamodules.latent_cache import load_vae, main
+from datamodules.schema import LATENT_KEY, decode_sample, encode_sample
+from src.module import QFormerSpec, UniPortraitModule
+from src.tiny import tiny_components
+
+
+def widened_shard(src: Path, dst: Path, width: int = 112) -> Path:
+    """The shard's samples on a wider canvas (zero columns on the right; boxes stay valid): the eval
+    crop is then a 64-px window whose place depends on which faces it must contain."""
+    with wds.TarWriter(str(dst)) as sink:
+        for raw in wds.tarfile_to_samples()([{"url": str(src)}]):
+            s = decode_sample(raw)
+            h, w = s.image.shape[:2]
+            image = np.zeros((h, width, 3), np.uint8)
+            image[:, :w] = s.image
+            masks = np.zeros((len(s.faces), h, width), np.uint8)
+            masks[:, :, :w] = s.masks
+            sink.write(encode_sample(replace(s, image=image, masks=masks)))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("latents")
+    src = widened_shard(tiny_world / "data" / "heldout" / "multi_seen-000000.tar", tmp / "wide-000000.tar")
+    out = tmp / "cached"
+    counts = main(["--shards", str(src), "--vae", str(tiny_world / "base"), "--resolution", "64",
+                   "--out", str(out), "--batch-size", "8"])
+    return {"src": src, "out": out / src.name, "counts": counts}
+
+
+def loader_batches(pattern: str, multi: bool, **kw) -> list[dict]:
+    dm = FaceShardDataModule(pattern, multi_id=multi, resolution=64, batch_size=8, num_workers=0, shuffle_buffer=0,
+                             random_crop=False, **kw)
+    dm.setup("fit")
+    return list(dm.train_dataloader())
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_cached_latents_are_the_vae_latents_of_the_images_the_loader_returns(tiny_world, cached, multi):
+    """In both stages (stage 1 keeps one face, which would move a face-dependent crop) the loader crops
+    image and masks with the latent's box: the cached latent is the VAE's latent of that very image."""
+    assert cached["counts"]["cached"] > 0 and cached["counts"]["copied_without_latent"] == 0
+    vae = load_vae(tiny_world / "base")
+    got = loader_batches(str(cached["out"]), multi, cached_latents=True)
+    plain = loader_batches(str(cached["src"]), multi)
+    assert [b["key"] for b in got] == [b["key"] for b in plain]
+    for b in got:
+        assert b["latents"].shape == (len(b["key"]), 4, 16, 16)
+        with torch.no_grad():
+            z = vae.encode(b["image"]).latent_dist.mode() * vae.config.scaling_factor
+        torch.testing.assert_close(b["latents"], z, rtol=2e-3, atol=2e-3)  # float16 storage
+        assert torch.all(b["latent_scaling"] == vae.config.scaling_factor)
+    same = [torch.equal(a["image"], p["image"]) and torch.equal(a["face_masks"], p["face_masks"])
+            for a, p in zip(got, plain)]
+    if multi:  # all faces kept: the cached box is the uncached eval crop
+        assert all(same)
+    else:  # one face kept: the uncached eval crop moves for some images, the cached one does not
+        assert not all(same)
+
+
+def test_training_step_uses_cached_latents_and_matches_encoding(tiny_world, cached):
+    torch.manual_seed(0)
+    m = UniPortraitModule(components=tiny_components(tiny_world), stage=2, lora_rank=4,
+                          qformer=QFormerSpec(depth=1, width=32, heads=2, dim_head=16))
+    batch = loader_batches(str(cached["out"]), True, cached_latents=True)[0]
+    torch.testing.assert_close(m.batch_latents(batch), m.encode_images(batch["image"]), rtol=2e-3, atol=2e-3)
+    uncached = {k: v for k, v in batch.items() if k not in ("latents", "latent_scaling")}
+    losses = []
+    for b in (batch, uncached):
+        torch.manual_seed(1)
+        losses.append(m.shared_step(b))
+    torch.testing.assert_close(losses[0]["diffusion"], losses[1]["diffusion"], rtol=1e-3, atol=1e-5)
+    # the cached path really skips the VAE: poisoning its encoder changes nothing
+    m.vae.encoder = None
+    torch.manual_seed(1)
+    torch.testing.assert_close(m.shared_step(batch)["diffusion"], losses[0]["diffusion"])
+
+    wrong = dict(batch, latent_scaling=batch["latent_scaling"] * 2)
+    with pytest.raises(ValueError, match="scaling factor"):
+        m.batch_latents(wrong)
+    with pytest.raises(ValueError, match=r"cached latents are \(4, 8, 8\)"):
+        m.batch_latents(dict(batch, latents=batch["latents"][..., :8, :8]))
+
+
+def test_samples_without_a_usable_latent_are_skipped_counted_and_logged(cached, tmp_path, caplog):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(cached["out"], mixed / "a-000000.tar")
+    shutil.copy(cached["src"], mixed / "b-000000.tar")  # no latent.npz
+    n_cached = sum(len(b["key"]) for b in loader_batches(str(cached["out"]), True, cached_latents=True))
+    with caplog.at_level(logging.WARNING):
+        got = loader_batches(str(mixed), True, cached_latents=True)
+    assert sum(len(b["key"]) for b in got) == n_cached
+    assert sum(int(b["skipped"].sum()) for b in got) == n_cached  # the same samples, uncached, all skipped
+    assert any(f"no cached latent (field '{LATENT_KEY}'" in r.getMessage() for r in caplog.records)
+    # a cache made for another resolution is skipped too, with the reason
+    dm = FaceShardDataModule(str(cached["out"]), multi_id=True, resolution=48, batch_size=8, num_workers=0,
+                             shuffle_buffer=0, random_crop=False, cached_latents=True)
+    dm.setup("fit")
+    with caplog.at_level(logging.WARNING):
+        assert list(dm.train_dataloader()) == []
+    assert any("cached latent is for resolution 64, data.resolution is 48" in r.getMessage() for r in caplog.records)
+
+
+def test_cached_latents_need_the_fixed_crop_and_a_real_vae(tiny_world, tmp_path):
+    with pytest.raises(ValueError, match="needs data.random_crop=false"):
+        FaceShardDataModule("x.tar", cached_latents=True)
+    with pytest.raises(FileNotFoundError, match="no diffusers VAE"):
+        load_vae(tmp_path)
