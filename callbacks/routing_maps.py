@@ -110,8 +110,8 @@ class RoutingAccuracyReport(L.Callback):
     split by the number of faces (2, 3, ...), for each named split (e.g. seen / unseen identities).
     Printed at the end of training and logged as `routing_report/<split>/<n>faces/<band>`. After
     training it also prints each routed layer's accuracy (name and resolution) in the t<250 band and
-    over all bands, which shows where the pooled number is lost (coarse layers hold most face
-    boundaries); kept in `self.after_layers` as {group: {layer: {band: acc}}}.
+    over all bands, which shows whether the pooled number is lost in some layers more than others;
+    kept in `self.after_layers` as {group: {layer: {band: acc}}}.
 
     splits: name -> shard pattern. max_batches: batches per split. band_samples: timesteps per band.
     """
@@ -134,11 +134,11 @@ class RoutingAccuracyReport(L.Callback):
                 return
             yield batch
 
-    def measure(self, trainer, pl_module) -> dict[str, dict[str, float]]:
-        """{"<split>/<n>faces": {band: acc}} pooled over layers; per-layer values go to `self.layers`."""
+    def measure(self, trainer, pl_module) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+        """({"<split>/<n>faces": {band: acc}} pooled over layers, {group: {layer: {band: acc}}})."""
         resolution = getattr(trainer.datamodule, "resolution", 64)
         results: dict[str, dict[str, float]] = {}
-        self.layers: dict[str, dict[str, dict[str, float]]] = {}
+        layers: dict[str, dict[str, dict[str, float]]] = {}
         g = torch.Generator().manual_seed(self.seed)
         for name, pattern in self.splits.items():
             metrics: dict[int, RoutingAccuracy] = {}
@@ -162,23 +162,22 @@ class RoutingAccuracyReport(L.Callback):
             for n, m in sorted(metrics.items()):
                 results[f"{name}/{n}faces"] = {k: float(v) for k, v in m.compute().items()}
             for (n, layer), m in per_layer.items():
-                group = self.layers.setdefault(f"{name}/{n}faces", {})
+                group = layers.setdefault(f"{name}/{n}faces", {})
                 group[layer] = {k: float(v) for k, v in m.compute().items()}
-        return results
+        return results, layers
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.before is None and pl_module.stage == 2:
-            self.before = self.measure(trainer, pl_module)
+            self.before, _ = self.measure(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if pl_module.stage != 2 or not trainer.is_global_zero:
             return
-        after = self.measure(trainer, pl_module)
+        after, self.after_layers = self.measure(trainer, pl_module)
         for when, res in (("before", self.before), ("after", after)):
             for group, bands in (res or {}).items():
                 cells = "  ".join(f"{b}: {v:.3f}" for b, v in bands.items())
                 print(f"[routing accuracy] {when} {group}: {cells}", flush=True)
-        self.after_layers = self.layers
         for group, layers in sorted(self.after_layers.items()):
             cells = "  ".join(f"{layer}: {v['t<250']:.3f}/{v['all']:.3f}" for layer, v in layers.items())
             print(f"[routing accuracy] after {group}, per layer (t<250/all bands): {cells}", flush=True)

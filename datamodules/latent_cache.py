@@ -38,7 +38,7 @@ from tqdm import tqdm
 from datamodules.loader import is_local, resolve_shards
 from datamodules.schema import LATENT_KEY, CachedLatent, SampleError, decode_sample, encode_latent
 from datamodules.transforms import centre_square, crop_and_resize
-from src.conventions import uint8_to_unit
+from src.conventions import uint8_to_unit, vae_latents
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def _raw_samples(url: str) -> Iterator[dict]:
 @torch.no_grad()
 def _encode(vae: torch.nn.Module, images: list[np.ndarray], device: torch.device) -> np.ndarray:
     x = uint8_to_unit(np.stack(images)).to(device)  # (b, 3, R, R) in [-1, 1]
-    z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor  # (b, C, R/f, R/f)
-    return z.float().cpu().numpy()
+    return vae_latents(vae, x).float().cpu().numpy()  # (b, C, R/f, R/f)
 
 
 def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int, batch_size: int = 16,

@@ -85,10 +85,8 @@ class CachedLatent:
 
 
 def encode_latent(c: CachedLatent) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, latent=c.latent.astype(np.float16), box=np.asarray(c.box, np.int64),
-             resolution=np.int64(c.resolution), scaling_factor=np.float64(c.scaling_factor))
-    return buf.getvalue()
+    return _npz_bytes(latent=c.latent.astype(np.float16), box=np.asarray(c.box, np.int64),
+                      resolution=np.int64(c.resolution), scaling_factor=np.float64(c.scaling_factor))
 
 
 def decode_latent(data: bytes, where: str) -> CachedLatent:

@@ -15,6 +15,7 @@ import datetime as dt
 import platform
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,17 +35,32 @@ def _batch(world: Path, multi: bool, batch_size: int):
     return next(iter(dm.val_dataloader()))
 
 
-def time_steps(module, batch, steps: int, warmup: int = 2) -> float:
-    """Seconds per full training step (forward, backward, optimizer step)."""
+def optimizer_of(module) -> torch.optim.Optimizer:
+    """The module's optimizer (`configure_optimizers` returns a dict when a scheduler is configured)."""
     opt = module.configure_optimizers()
-    module.train()
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
+    return opt["optimizer"] if isinstance(opt, dict) else opt
+
+
+def module_step(module, batch, opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """One full training step of `module` on `batch` (forward, backward, optimizer step)."""
+    def step() -> None:
         loss = module.shared_step(batch)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    return step
+
+
+def time_steps(module, batch, steps: int, warmup: int = 2) -> float:
+    """Seconds per full training step (forward, backward, optimizer step)."""
+    step = module_step(module, batch, optimizer_of(module))
+    module.train()
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
     return (time.perf_counter() - t0) / steps
 
 

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from src.bench import module_step, optimizer_of, write_section
+
 BEGIN, END = "<!-- bench:sd15:begin -->", "<!-- bench:sd15:end -->"
 
 
@@ -194,16 +196,6 @@ def random_batch(arch: Arch, nets, batch: int, resolution: int, faces: list[int]
 
 
 # ---------------------------------------------------------------------------------------------- training rows
-def module_step(module, batch, opt) -> Callable[[], None]:
-    def step() -> None:
-        loss = module.shared_step(batch)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
 def unet_part_step(module, batch, opt) -> Callable[[], None]:
     """Stage-1 UNet forward/backward on precomputed latents, text and identity tokens."""
     with torch.no_grad():
@@ -297,8 +289,7 @@ def training_rows(arch: Arch, nets, dev: Device, batch_size: int, resolution: in
         for stage, batch in ((1, single), (2, multi)):
             module = make_module(arch, nets, stage, compiled, dev.device)
             module.train()
-            opt = module.configure_optimizers()
-            opt = opt["optimizer"] if isinstance(opt, dict) else opt
+            opt = optimizer_of(module)
             measure(f"stage {stage}", module_step(module, batch, opt), compiled)
             if stage == 1:
                 measure("stage 1, UNet part", unet_part_step(module, batch, opt), compiled)
@@ -308,8 +299,7 @@ def training_rows(arch: Arch, nets, dev: Device, batch_size: int, resolution: in
         big = random_batch(arch, nets, big_batch, resolution, [1] * big_batch, dev.device, seed=2)
         module = make_module(arch, nets, 1, False, dev.device, gradient_checkpointing=True)
         module.train()
-        opt = module.configure_optimizers()
-        opt = opt["optimizer"] if isinstance(opt, dict) else opt
+        opt = optimizer_of(module)
         measure("stage 1, gradient checkpointing", module_step(module, big, opt), batch=big_batch)
         del module, opt
         dev.reset_memory()
@@ -427,8 +417,6 @@ def main(argv: list[str] | None = None) -> str:
     out = tables(train, infer)
     print(head + "\n\n" + out)
     if not a.no_record:
-        from src.bench import write_section
-
         write_section(a.doc, BEGIN, END, f"{head}\n\n{out}", "SD1.5 scale (`python -m src.bench_sd15`)")
         print(f"recorded in {a.doc}")
     return out

@@ -53,3 +53,9 @@ def uint8_to_unit(x: np.ndarray) -> torch.Tensor:
     """HWC (or NHWC) uint8 array -> CHW (or NCHW) float tensor in [-1, 1]."""
     t = torch.from_numpy(np.array(x, dtype=np.float32)).div_(127.5).sub_(1.0)  # copy: PIL arrays are read-only
     return t.movedim(-1, -3)
+
+
+def vae_latents(vae: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> the latents the UNet sees: posterior mode (deterministic) times the
+    VAE's scaling factor, (B, C, H/f, W/f). Training and the latent cache both use this."""
+    return vae.encode(image).latent_dist.mode() * vae.config.scaling_factor

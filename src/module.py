@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from src.conventions import vae_latents
 from src.models import adapters
 from src.models.context import FaceIDContext, RoutingRecord
 from src.models.id_embedding import IDEmbedding
@@ -242,8 +243,7 @@ class UniPortraitModule(L.LightningModule):
     @torch.no_grad()
     def encode_images(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f) (posterior mode: deterministic)."""
-        latents = self.vae.encode(image).latent_dist.mode()
-        return latents * self.vae.config.scaling_factor
+        return vae_latents(self.vae, image)
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
@@ -294,9 +294,9 @@ class UniPortraitModule(L.LightningModule):
         against this VAE's scaling factor and latent shape, else encoded from the images now."""
         if "latents" not in batch:
             return self.encode_images(batch["image"])
-        latents, scaling = batch["latents"], batch["latent_scaling"]
+        latents, scaling = batch["latents"], batch["latent_scaling"].double().cpu()
         expected = float(self.vae.config.scaling_factor)
-        if not torch.allclose(scaling.double().cpu(), torch.full_like(scaling.double().cpu(), expected)):
+        if not torch.allclose(scaling, torch.full_like(scaling, expected)):
             raise ValueError(f"cached latents were made with VAE scaling factor(s) {sorted(set(scaling.tolist()))}, "
                              f"this model's VAE has {expected}: recache with this VAE (datamodules.latent_cache)")
         f = 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -260,7 +260,7 @@ def test_routing_report_pools_layers_and_breaks_them_down(tiny_world, capsys):
                                    max_batches=1, batch_size=8, band_samples=1)
     trainer = SimpleNamespace(datamodule=SimpleNamespace(resolution=64), is_global_zero=True, logger=None,
                               global_step=0)
-    report.before = report.measure(trainer, m)
+    report.before, _ = report.measure(trainer, m)
     report.on_train_end(trainer, m)
     groups = set(report.after)
     assert groups and {g.split("/")[0] for g in groups} == {"seen", "unseen"}
