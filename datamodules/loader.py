@@ -29,6 +29,8 @@ Batch contract of :func:`collate_faces` (B samples, Nmax = most faces in the bat
     face_clip   float (B, Nmax, 3, S, S) in [-1, 1]
     face_masks  float (B, Nmax, H, W) in {0, 1}
     face_valid  bool  (B, Nmax)
+    face_digest long  (B, Nmax)  fingerprint of each face's recognition + CLIP crop bytes (0 in padded slots):
+                                 equal crops, equal digest (the key of the module's frozen-feature cache)
     identity    list[list[str | None]]  (B lists of Nmax; None when unknown or padded)
     reference_key list[list[str | None]]  key of the image each recognition crop came from
     key         list[str]
@@ -39,6 +41,7 @@ Batch contract of :func:`collate_faces` (B samples, Nmax = most faces in the bat
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -442,6 +445,17 @@ def _resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.Resampling.BILINEAR)) for c in crops])
 
 
+def face_digest(recog: np.ndarray, clip: np.ndarray) -> int:
+    """Non-zero signed 64-bit fingerprint of one face's uint8 recognition and CLIP crops (BLAKE2b of their
+    shapes and bytes): the same crops always give the same value, different crops collide with chance 2^-64."""
+    h = hashlib.blake2b(digest_size=8)
+    for a in (recog, clip):
+        a = np.ascontiguousarray(a)
+        h.update(repr((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True) or 1
+
+
 def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch per-sample items into the batch contract (module docstring); faces padded to the batch maximum."""
     b = len(items)
@@ -453,15 +467,18 @@ def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
     clip = torch.zeros(b, n_max, 3, clip_size, clip_size)  # (B, Nmax, 3, S, S)
     masks = torch.zeros(b, n_max, res, res)  # (B, Nmax, H, W)
     valid = torch.zeros(b, n_max, dtype=torch.bool)
+    digest = torch.zeros(b, n_max, dtype=torch.long)
     identity: list[list[str | None]] = []
     reference: list[list[str | None]] = []
     for i, it in enumerate(items):
         n = len(it["identity"])
         if n:
+            clip_crops = _resize_crops(it["clip"], clip_size)  # uint8 (n, S, S, 3)
             recog[i, :n] = uint8_to_unit(it["recog"])
-            clip[i, :n] = uint8_to_unit(_resize_crops(it["clip"], clip_size))
+            clip[i, :n] = uint8_to_unit(clip_crops)
             masks[i, :n] = torch.from_numpy(it["masks"].astype(np.float32))
             valid[i, :n] = True
+            digest[i, :n] = torch.tensor([face_digest(r, c) for r, c in zip(it["recog"], clip_crops)])
         identity.append(list(it["identity"]) + [None] * (n_max - n))
         reference.append(list(it["reference_key"]) + [None] * (n_max - n))
     return {
@@ -471,6 +488,7 @@ def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
         "face_clip": clip,
         "face_masks": masks,
         "face_valid": valid,
+        "face_digest": digest,
         "identity": identity,
         "reference_key": reference,
         "key": [it["key"] for it in items],

@@ -65,6 +65,7 @@ def time_steps(module, batch, steps: int, warmup: int = 2) -> float:
 
 
 def run(world: Path, batch_size: int, steps: int) -> list[dict]:
+    from src.models.identity_encoder import FeatureCache
     from src.module import QFormerSpec, UniPortraitModule
     from src.train import resolve_config
     from src.tiny import tiny_components
@@ -82,10 +83,13 @@ def run(world: Path, batch_size: int, steps: int) -> list[dict]:
         cached = dict(batch, latents=module.encode_images(batch["image"]),
                       latent_scaling=torch.full((batch_size,), float(module.vae.config.scaling_factor),
                                                 dtype=torch.float64))
-        for latents, b in (("encoded", batch), ("cached", cached)):
+        for latents, features, b in (("encoded", "computed", batch), ("cached", "computed", cached),
+                                     ("cached", "cached", cached)):
+            # `model.feature_cache`: after the warm-up steps every face of this fixed batch is a cache hit
+            module.identity.cache = FeatureCache(10_000) if features == "cached" else None
             sec = time_steps(module, b, steps)
             rows.append({
-                "stage": stage, "latents": latents, "batch": batch_size, "step_s": sec,
+                "stage": stage, "latents": latents, "features": features, "batch": batch_size, "step_s": sec,
                 "samples_per_s": batch_size / sec,
                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
                 "faces": float(batch["face_valid"].sum(1).float().mean()),
@@ -94,10 +98,10 @@ def run(world: Path, batch_size: int, steps: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| stage | VAE latents | batch | faces/image | step (s) | samples/s | peak RSS (GB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| stage | VAE latents | face/CLIP features | batch | faces/image | step (s) | samples/s | peak RSS (GB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['latents']} | {r['batch']} | {r['faces']:.2f} | {r['step_s']:.3f} | "
+        lines.append(f"| {r['stage']} | {r['latents']} | {r['features']} | {r['batch']} | {r['faces']:.2f} | {r['step_s']:.3f} | "
                      f"{r['samples_per_s']:.1f} | {r['peak_rss_gb']:.2f} |")
     return "\n".join(lines)
 
@@ -110,8 +114,9 @@ def record(rows: list[dict], doc: Path) -> None:
     head = (f"Measured {dt.date.today().isoformat()} on {platform.processor() or platform.machine()} "
             f"({os.cpu_count()} cores, {gpu}; CPU run), {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, diffusers {diffusers.__version__}, "
             f"lightning {lightning.__version__}; tiny preset (configs/tiny/stage1.yaml), 64 px, fp32, "
-            "full training step incl. frozen encoders; `cached` = latents read from the shards "
-            "(`data.cached_latents`), no VAE encode.")
+            "full training step incl. frozen encoders; cached latents = read from the shards "
+            "(`data.cached_latents`), no VAE encode; cached features = every face a hit of `model.feature_cache` "
+            "(no face-backbone or CLIP forward).")
     write_section(doc, BEGIN, END, f"{head}\n\n{table(rows)}", "Tiny preset, CPU training step (`make bench`)")
 
 

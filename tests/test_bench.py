@@ -1,4 +1,5 @@
-"""`make bench` (src/bench.py) on the tiny world: both stages, encoded and cached latents, doc section rewritten."""
+"""`make bench` (src/bench.py) on the tiny world: both stages, encoded and cached latents, cached encoder
+features, doc section rewritten."""
 from __future__ import annotations
 
 import pytest
@@ -15,9 +16,10 @@ def test_bench_measures_both_stages_and_rewrites_only_its_section(tiny_world, tm
     assert text.startswith("# Benchmarks\n\nbefore\n\n") and text.endswith("\n\nafter\n")
     assert "old table" not in text and text.count(bench.BEGIN) == 1
     rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert [tuple(c.strip() for c in r.split("|")[1:3]) for r in rows] == [
-        ("1", "encoded"), ("1", "cached"), ("2", "encoded"), ("2", "cached")]
-    assert all(float(r.split("|")[6]) > 0 for r in rows)  # samples/s measured
+    assert [tuple(c.strip() for c in r.split("|")[1:4]) for r in rows] == [
+        (stage, latents, features) for stage in ("1", "2")
+        for latents, features in (("encoded", "computed"), ("cached", "computed"), ("cached", "cached"))]
+    assert all(float(r.split("|")[7]) > 0 for r in rows)  # samples/s measured
     assert "recorded in" in capsys.readouterr().out
 
 

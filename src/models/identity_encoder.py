@@ -3,6 +3,9 @@ trainable ID embedding (Q-Former). Shared by training (src/module.py) and infere
 """
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -11,18 +14,75 @@ from src.models.clip_encoder import ClipPatchEncoder
 from src.models.face_backbone import IRBackbone
 from src.models.id_embedding import IDEmbedding
 
+log = logging.getLogger(__name__)
+
+
+class FeatureCache:
+    """Memo of the frozen encoders' features per face row, keyed by a content fingerprint of its crops.
+
+    The face backbone and the CLIP tower never change during training, so a face crop that comes back
+    (the same sample in a later epoch) has the same features: looking them up skips both forwards. Keys
+    are the data pipeline's `face_digest` (datamodules.loader: a hash of the crops' uint8 bytes), so a
+    crop that changes (another reference photo, an augmentation) is simply a new key. Least recently
+    used entries are evicted beyond `max_faces`. Entries stay on the device they were computed on;
+    the cache empties itself if the encoders' device or dtype changes. Not saved in checkpoints: a
+    resumed run refills it. Features of a face computed alone can differ from the same face computed
+    in a batch in the last float bit (the convolution algorithm depends on the batch size), so a run
+    with the cache equals one without it up to that rounding.
+    """
+
+    def __init__(self, max_faces: int) -> None:
+        if max_faces < 1:
+            raise ValueError(f"FeatureCache: max_faces must be >= 1, got {max_faces}")
+        self.max_faces = max_faces
+        self.entries: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.tag: tuple[torch.device, torch.dtype] | None = None
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        found = self.entries.get(key)
+        if found is not None:
+            self.entries.move_to_end(key)
+        return found
+
+    def put(self, key: int, value: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if not self.entries and not self.hits:
+            per_face = sum(v.numel() * v.element_size() for v in value)
+            log.info("frozen-feature cache: %.1f KB per face on %s, up to %d faces (%.2f GB)", per_face / 1024,
+                     value[0].device, self.max_faces, per_face * self.max_faces / 1024**3)
+        self.entries[key] = value
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_faces:
+            self.entries.popitem(last=False)
+
+    def check_tag(self, device: torch.device, dtype: torch.dtype) -> None:
+        if self.tag != (device, dtype):
+            self.entries.clear()
+            self.tag = (device, dtype)
+
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
 
 class IdentityEncoder(nn.Module):
     """F_r (intrinsic), F_s (structure + CLIP) and the Q-Former, for M faces with R references each.
 
-    The backbone and CLIP tower are frozen (eval, no grad); only `embedding` is trainable.
+    The backbone and CLIP tower are frozen (eval, no grad); only `embedding` is trainable. `cache`
+    (a FeatureCache, off by default) memoises their features for rows that come with a key.
     """
 
-    def __init__(self, face: IRBackbone, clip: ClipPatchEncoder, embedding: IDEmbedding) -> None:
+    def __init__(self, face: IRBackbone, clip: ClipPatchEncoder, embedding: IDEmbedding,
+                 cache: FeatureCache | None = None) -> None:
         super().__init__()
         self.face = face.requires_grad_(False).eval()
         self.clip = clip.requires_grad_(False).eval()
         self.embedding = embedding
+        self.cache = cache
 
     def train(self, mode: bool = True) -> "IdentityEncoder":
         super().train(mode)
@@ -35,9 +95,35 @@ class IdentityEncoder(nn.Module):
         return self.embedding.proj_out.out_features
 
     @torch.no_grad()
-    def features(self, recog: torch.Tensor, clip_crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(
+        self, recog: torch.Tensor, clip_crop: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """recog (M, R, 3, h, w), clip_crop (M, R, 3, s, s), both in [-1, 1]
-        -> intrinsic (M, R*49, C_id), structure (M, R*G*G, C_struct) (R references concatenated)."""
+        -> intrinsic (M, R*49, C_id), structure (M, R*G*G, C_struct) (R references concatenated).
+
+        keys: optional (M,) int64 content fingerprints of the rows; with a `cache`, rows whose key is
+        cached are looked up and only the others go through the encoders.
+        """
+        if self.cache is None or keys is None:
+            return self._encode(recog, clip_crop)
+        if keys.shape != recog.shape[:1]:
+            raise ValueError(f"IdentityEncoder.features: keys must be ({recog.shape[0]},), got {tuple(keys.shape)}")
+        p = next(self.face.parameters())
+        self.cache.check_tag(p.device, p.dtype)
+        key_list = keys.tolist()
+        found = [self.cache.get(k) for k in key_list]
+        miss = [i for i, f in enumerate(found) if f is None]
+        self.cache.hits += len(key_list) - len(miss)
+        self.cache.misses += len(miss)
+        if miss:
+            intrinsic, structure = self._encode(recog[miss], clip_crop[miss])  # (M', R*49, C_id), (M', R*G*G, C)
+            for j, i in enumerate(miss):
+                found[i] = (intrinsic[j].clone(), structure[j].clone())
+                self.cache.put(key_list[i], found[i])
+        return torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
+
+    def _encode(self, recog: torch.Tensor, clip_crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen encoders' forward (see `features`)."""
         m, r = recog.shape[:2]
         feats = self.face(to_recog_pixels(recog.flatten(0, 1)))
         intrinsic = self.face.intrinsic_tokens(feats)  # (M*R, 49, C_id)
@@ -65,12 +151,14 @@ class IdentityEncoder(nn.Module):
         clip_crop: torch.Tensor,
         beta: float | torch.Tensor = 1.0,
         drop: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """recog (M, R, 3, h, w), clip_crop (M, R, 3, s, s) -> identity tokens (M, Q, D).
 
         drop: optional bool (M,): those faces use the unconditional features (condition dropout).
+        keys: optional (M,) int64 content fingerprints for the feature cache (see `features`).
         """
-        intrinsic, structure = self.features(recog, clip_crop)
+        intrinsic, structure = self.features(recog, clip_crop, keys)
         if drop is not None and bool(drop.any()):
             u_int, u_struct = self.uncond_features(recog.shape[0], recog.shape[1])
             keep = (~drop).to(intrinsic.dtype).view(-1, 1, 1)

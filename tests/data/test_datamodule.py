@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 
 from datamodules.datamodule import FaceShardDataModule
-from datamodules.loader import resolve_shards
+from datamodules.loader import face_digest, resolve_shards
 from datamodules.schema import Face, Sample, decode_sample, encode_sample
 from datamodules.synthetic import SyntheticConfig, generate
 from src.conventions import uint8_to_unit
@@ -290,3 +290,28 @@ def test_loader_options_reach_the_dataloader_and_keep_the_batches(data: dict) ->
     assert [b["key"] for b in loader] == plain
     with pytest.raises(ValueError, match="prefetch_factor=4 needs num_workers > 0"):
         make_dm(data["single"], num_workers=0, prefetch_factor=4)
+
+
+def test_face_digest_fingerprints_each_face_by_its_crops(data: dict) -> None:
+    """`face_digest`: one non-zero fingerprint per face (0 in padded slots), the same for the same face in
+    another epoch and order, different for different faces and for a crop that changes by one pixel."""
+    dm = make_dm(data["multi"], multi_id=True, max_faces=3, batch_size=5)
+    per_face: dict[tuple[str, str], int] = {}
+    loader = dm.train_dataloader()
+    orders = []
+    for _ in range(2):  # two passes: two epochs, two shuffles
+        got = batches(loader)
+        orders.append([k for b in got for k in b["key"]])
+        for b in got:
+            d, valid = b["face_digest"], b["face_valid"]
+            assert d.dtype == torch.long and d.shape == valid.shape
+            assert (d[~valid] == 0).all() and (d[valid] != 0).all()
+            for i, key in enumerate(b["key"]):
+                for k in range(int(b["num_faces"][i])):
+                    assert per_face.setdefault((key, b["identity"][i][k]), int(d[i, k])) == int(d[i, k])
+    assert orders[0] != orders[1]
+    assert len(set(per_face.values())) == len(per_face)  # distinct faces, distinct digests
+    recog, clip = np.zeros((112, 112, 3), np.uint8), np.zeros((56, 56, 3), np.uint8)
+    changed = recog.copy()
+    changed[5, 7, 1] = 1
+    assert face_digest(recog, clip) == face_digest(recog.copy(), clip.copy()) != face_digest(changed, clip)
