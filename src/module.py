@@ -386,7 +386,7 @@ class UniPortraitModule(L.LightningModule):
         latents = self.encode_images(batch["image"])
         text = self.encode_text(batch["caption"])
         valid = batch["face_valid"]
-        tokens = self.identity_tokens(batch["face_recog"], batch["face_clip"], valid)
+        tokens = self.identity_tokens(batch["face_recog"], batch["face_clip"], valid, digest=batch.get("face_digest"))
         noise, t, noisy = self._sample_noise(latents, generator)
         losses = []
         for tok in (tokens, tokens.roll(1, dims=0)):
@@ -406,7 +406,7 @@ class UniPortraitModule(L.LightningModule):
         latents = self.encode_images(batch["image"])
         text = self.encode_text(batch["caption"])
         valid = batch["face_valid"]
-        tokens = self.identity_tokens(batch["face_recog"], batch["face_clip"], valid)
+        tokens = self.identity_tokens(batch["face_recog"], batch["face_clip"], valid, digest=batch.get("face_digest"))
         g = torch.Generator(device=self.device).manual_seed(seed)
         noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
         t = torch.as_tensor(timesteps, device=self.device).long().expand(latents.shape[0])
