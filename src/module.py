@@ -89,9 +89,9 @@ class UniPortraitModule(L.LightningModule):
     compile_backend / compile_mode: passed to `torch.compile` ("inductor" needs a C++ compiler on
         the CPU; "aot_eager" does not).
     feature_cache: memoise the frozen face-backbone and CLIP features of up to this many faces, keyed
-        by the batch's `face_digest` (0: off). A sample seen again skips both encoders (26% of the
-        tiny stage-2 step). Memory per face is logged at the start; at SD1.5 scale (ViT-H patch tokens)
-        it is 1.8 MB in fp32. See `src.models.identity_encoder.FeatureCache`.
+        by the batch's `face_digest` (0: off). A sample seen again skips both encoders (a third of the
+        tiny stage-2 step, `make bench`). Memory per face is logged at the start; at SD1.5 scale (ViT-H
+        patch tokens) it is 1.8 MB in fp32. See `src.models.identity_encoder.FeatureCache`.
     """
 
     def __init__(

@@ -52,7 +52,7 @@ class BatchList:
         return len(self.batches)
 
 
-FACE_FIELDS = ("face_recog", "face_clip", "face_masks", "face_valid", "identity", "reference_key")
+FACE_FIELDS = ("face_recog", "face_clip", "face_masks", "face_valid", "face_digest", "identity", "reference_key")
 
 
 def pad_faces(value, key: str, n: int):
