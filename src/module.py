@@ -279,6 +279,11 @@ class UniPortraitModule(L.LightningModule):
         out[flat] = tokens
         return out.view(b, n, *tokens.shape[1:])
 
+    def batch_identity_tokens(self, batch: dict[str, Any], drop: torch.Tensor | None = None) -> torch.Tensor:
+        """`identity_tokens` of a loader batch (its crops, validity and `face_digest` cache keys)."""
+        return self.identity_tokens(batch["face_recog"], batch["face_clip"], batch["face_valid"], drop,
+                                    batch.get("face_digest"))
+
     def _context(self, tokens: torch.Tensor, valid: torch.Tensor, latents: torch.Tensor, record: RoutingRecord | None):
         return FaceIDContext(
             tokens=tokens,
@@ -324,7 +329,7 @@ class UniPortraitModule(L.LightningModule):
         drop = None
         if self.training and self.stage == 1 and self.hparams.p_drop_face > 0:
             drop = torch.rand(valid.shape[0], device=self.device) < self.hparams.p_drop_face
-        tokens = self.identity_tokens(batch["face_recog"], batch["face_clip"], valid, drop, batch.get("face_digest"))
+        tokens = self.batch_identity_tokens(batch, drop)
         noise, t, noisy = self._sample_noise(latents)
         record = RoutingRecord() if self.stage == 2 else None
         pred = self._denoise(noisy, t, text, self._context(tokens, valid, latents, record))
@@ -386,7 +391,7 @@ class UniPortraitModule(L.LightningModule):
         latents = self.encode_images(batch["image"])
         text = self.encode_text(batch["caption"])
         valid = batch["face_valid"]
-        tokens = self.identity_tokens(batch["face_recog"], batch["face_clip"], valid, digest=batch.get("face_digest"))
+        tokens = self.batch_identity_tokens(batch)
         noise, t, noisy = self._sample_noise(latents, generator)
         losses = []
         for tok in (tokens, tokens.roll(1, dims=0)):
@@ -406,7 +411,7 @@ class UniPortraitModule(L.LightningModule):
         latents = self.encode_images(batch["image"])
         text = self.encode_text(batch["caption"])
         valid = batch["face_valid"]
-        tokens = self.identity_tokens(batch["face_recog"], batch["face_clip"], valid, digest=batch.get("face_digest"))
+        tokens = self.batch_identity_tokens(batch)
         g = torch.Generator(device=self.device).manual_seed(seed)
         noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
         t = torch.as_tensor(timesteps, device=self.device).long().expand(latents.shape[0])

@@ -44,8 +44,12 @@ class FeatureCache:
         return len(self.entries)
 
     def get(self, key: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The entry of `key` (now the most recently used) or None; counted as a hit or a miss."""
         found = self.entries.get(key)
-        if found is not None:
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
             self.entries.move_to_end(key)
         return found
 
@@ -113,8 +117,6 @@ class IdentityEncoder(nn.Module):
         key_list = keys.tolist()
         found = [self.cache.get(k) for k in key_list]
         miss = [i for i, f in enumerate(found) if f is None]
-        self.cache.hits += len(key_list) - len(miss)
-        self.cache.misses += len(miss)
         if miss:
             intrinsic, structure = self._encode(recog[miss], clip_crop[miss])  # (M', R*49, C_id), (M', R*G*G, C)
             for j, i in enumerate(miss):
