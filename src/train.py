@@ -12,8 +12,10 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import yaml
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
 
@@ -61,6 +63,29 @@ def expand_config_args(args: list[str], tmpdir: str) -> list[str]:
     return out
 
 
+class UniPortraitCLI(LightningCLI):
+    """LightningCLI plus `torch_threads`: intra-op CPU threads of the training process.
+
+    The Makefile runs every process with OMP_NUM_THREADS=1 (the DataLoader workers and test
+    subprocesses share two cores); a config may give the training process itself more threads.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--torch_threads", type=Optional[PositiveInt], default=None,
+            help="torch.set_num_threads() for the training process (None: OMP_NUM_THREADS / torch's choice)",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        threads = cfg.get("torch_threads")
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+            logging.getLogger(__name__).info("torch_threads: %d intra-op CPU thread(s)", torch.get_num_threads())
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Run the CLI (tests call `main([...])` with the same arguments a user types)."""
     from src.module import UniPortraitModule  # noqa: F401  (import here keeps --help fast to fail)
@@ -73,7 +98,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     # We always hand LightningCLI the (config-expanded) arguments, also when they came from sys.argv.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     with tempfile.TemporaryDirectory(prefix="uniportrait-cfg-") as tmp:
-        return LightningCLI(
+        return UniPortraitCLI(
             UniPortraitModule,
             FaceShardDataModule,
             args=expand_config_args(args, tmp),

@@ -84,3 +84,19 @@ def test_resume_from_last_ckpt_continues_the_step_count(tiny_world, tmp_path):
     assert ckpt["global_step"] == 4 and ckpt["uniportrait"]["stage"] == 1
     cli = main([*common, ckpt_cb, "--trainer.max_steps=6", f"--ckpt_path={last}"])
     assert cli.trainer.global_step == 6
+
+
+def test_torch_threads_sets_the_training_process_threads_and_rejects_zero(tiny_world, capsys):
+    args = ["fit", f"--config={CONFIGS / 'tiny' / 'stage1.yaml'}", *tiny_args(tiny_world), *SMALL_MODEL]
+    before = torch.get_num_threads()
+    want = 3 if before != 3 else 2
+    try:
+        main([*args, f"--torch_threads={want}"], run=False)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    main(args, run=False)  # unset: the process keeps its thread count
+    assert torch.get_num_threads() == before
+    with pytest.raises(SystemExit):
+        main([*args, "--torch_threads=0"], run=False)
+    assert "torch_threads" in capsys.readouterr().err
