@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.cli import LightningCLI
@@ -77,12 +78,9 @@ class UniPortraitCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        threads = cfg.get("torch_threads")
-        if threads:
-            import torch
-
-            torch.set_num_threads(int(threads))
+        threads = (self.config[self.subcommand] if self.subcommand else self.config).get("torch_threads")
+        if threads is not None:
+            torch.set_num_threads(threads)
             logging.getLogger(__name__).info("torch_threads: %d intra-op CPU thread(s)", torch.get_num_threads())
 
 
