@@ -113,10 +113,11 @@ class RoutingAccuracyReport(L.Callback):
     over all bands, which shows whether the pooled number is lost in some layers more than others;
     kept in `self.after_layers` as {group: {layer: {band: acc}}}.
 
-    splits: name -> shard pattern. max_batches: batches per split. band_samples: timesteps per band.
+    splits: name -> shard pattern. max_batches: batches per split (None: the whole split).
+    band_samples: timesteps per band (each a separate forward of every batch).
     """
 
-    def __init__(self, splits: dict[str, str], max_batches: int = 4, batch_size: int = 16,
+    def __init__(self, splits: dict[str, str], max_batches: int | None = 4, batch_size: int = 16,
                  band_samples: int = 2, seed: int = 0) -> None:
         self.splits, self.max_batches, self.batch_size = splits, max_batches, batch_size
         self.band_samples, self.seed = band_samples, seed
@@ -130,7 +131,7 @@ class RoutingAccuracyReport(L.Callback):
                                  batch_size=self.batch_size, num_workers=0, shuffle_buffer=0, seed=self.seed)
         dm.setup("validate")
         for i, batch in enumerate(dm.val_dataloader()):
-            if i >= self.max_batches:
+            if self.max_batches is not None and i >= self.max_batches:
                 return
             yield batch
 

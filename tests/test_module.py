@@ -275,6 +275,21 @@ def test_routing_report_pools_layers_and_breaks_them_down(tiny_world, capsys):
     assert "per layer (t<250/all bands)" in out and "@16x16" in out
 
 
+def test_routing_report_reads_the_whole_split_without_max_batches(tiny_world):
+    """max_batches=None measures every held-out image (the tiny stage-2 config's setting), and a
+    number stops after that many batches."""
+    import json
+
+    from callbacks.routing_maps import RoutingAccuracyReport
+
+    pattern = str(tiny_world / "data" / "heldout" / "multi_seen-000000.tar")
+    total = json.loads((tiny_world / "data" / "manifest.json").read_text())["counts"]["multi_seen"]
+    whole = RoutingAccuracyReport({}, max_batches=None, batch_size=5)
+    sizes = [b["face_valid"].shape[0] for b in whole._batches(pattern, 64)]
+    assert sum(sizes) == total and len(sizes) == -(-total // 5)
+    assert len(list(RoutingAccuracyReport({}, max_batches=2, batch_size=5)._batches(pattern, 64))) == 2
+
+
 def test_feature_cache_skips_the_frozen_encoders_and_leaves_the_loss_unchanged(tiny_world):
     """With `feature_cache`, a face seen again is looked up by its digest instead of going through the
     face backbone and the CLIP tower; the losses equal those without the cache exactly (the first pass

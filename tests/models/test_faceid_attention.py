@@ -97,6 +97,31 @@ def test_single_identity_matches_explicit_formula() -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_weighted_identities_match_separate_attentions() -> None:
+    """Fractional per-position weights (explicit masks): the fused face-ID attention equals
+    sum_n w_n * Attn(q, F_id(n)), each identity's softmax taken over its own tokens only."""
+    attn = _layer()
+    proc = _proc(attn)
+    hidden, text, tokens = _inputs(n=3)
+    g = torch.Generator().manual_seed(5)
+    masks = torch.rand(2, 3, *LAT_HW, generator=g)  # at the layer's resolution: no resizing
+    out = _run(attn, proc, hidden, text, FaceIDContext(tokens=tokens, latent_hw=LAT_HW, masks=masks, scale=0.8))
+
+    def heads(x: torch.Tensor) -> torch.Tensor:  # (B, S, H*d) -> (B, H, S, d)
+        return x.view(x.shape[0], x.shape[1], HEADS, HEAD_DIM).transpose(1, 2)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        a = torch.softmax(q @ k.transpose(-1, -2) / HEAD_DIM**0.5, dim=-1) @ v
+        return a.transpose(1, 2).reshape(q.shape[0], -1, HEADS * HEAD_DIM)
+
+    q = heads(attn.to_q(hidden))
+    w = (masks / masks.sum(1, keepdim=True)).flatten(2).transpose(1, 2)  # (B, L, N)
+    per_id = [attend(q, heads(proc.to_k_faceid(tokens[:, n])), heads(proc.to_v_faceid(tokens[:, n]))) for n in range(3)]
+    face = sum(w[:, :, n, None] * per_id[n] for n in range(3))
+    expected = attn.to_out[0](attend(q, heads(attn.to_k(text)), heads(attn.to_v(text))) + 0.8 * face)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_router_argmax_selects_one_identity_per_position() -> None:
     attn = _layer()
     proc = _proc(attn, with_router=True)
