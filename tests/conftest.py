@@ -32,3 +32,12 @@ def _hermetic_cwd(tmp_path, monkeypatch):
     """Run every test in its own folder: configs write relative paths (runs/tiny/...), which must
     never touch the checkout's own runs or artifacts."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A config may set `torch_threads` (configs/tiny/stage2.yaml sets 2) and the CLI applies it to
+    this process; put the suite's one thread back after every test, so no test inherits it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
