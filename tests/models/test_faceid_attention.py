@@ -39,6 +39,17 @@ def _run(attn: Attention, proc, hidden, text, ctx: FaceIDContext | None) -> torc
     return attn(hidden, encoder_hidden_states=text, faceid=ctx)
 
 
+def _heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, H*d) -> (B, H, S, d)."""
+    return x.view(x.shape[0], x.shape[1], HEADS, HEAD_DIM).transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain softmax attention, the formula the processor is checked against: (B, H, S, d) -> (B, S, H*d)."""
+    a = torch.softmax(q @ k.transpose(-1, -2) / HEAD_DIM**0.5, dim=-1) @ v
+    return a.transpose(1, 2).reshape(q.shape[0], -1, HEADS * HEAD_DIM)
+
+
 def test_layer_hw() -> None:
     assert layer_hw((64, 64), 4096) == (64, 64)
     assert layer_hw((64, 64), 256) == (16, 16)
@@ -83,16 +94,9 @@ def test_single_identity_matches_explicit_formula() -> None:
     hidden, text, tokens = _inputs(n=1)
     out = _run(attn, proc, hidden, text, FaceIDContext(tokens=tokens, latent_hw=LAT_HW, scale=0.7))
 
-    def heads(x: torch.Tensor) -> torch.Tensor:  # (B, S, H*d) -> (B, H, S, d)
-        return x.view(x.shape[0], x.shape[1], HEADS, HEAD_DIM).transpose(1, 2)
-
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        a = torch.softmax(q @ k.transpose(-1, -2) / HEAD_DIM**0.5, dim=-1) @ v
-        return a.transpose(1, 2).reshape(q.shape[0], -1, HEADS * HEAD_DIM)
-
-    q = heads(attn.to_q(hidden))
-    text_part = attend(q, heads(attn.to_k(text)), heads(attn.to_v(text)))
-    face_part = attend(q, heads(proc.to_k_faceid(tokens[:, 0])), heads(proc.to_v_faceid(tokens[:, 0])))
+    q = _heads(attn.to_q(hidden))
+    text_part = _attend(q, _heads(attn.to_k(text)), _heads(attn.to_v(text)))
+    face_part = _attend(q, _heads(proc.to_k_faceid(tokens[:, 0])), _heads(proc.to_v_faceid(tokens[:, 0])))
     expected = attn.to_out[0](text_part + 0.7 * face_part)  # combined BEFORE to_out (bias once)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -107,18 +111,12 @@ def test_weighted_identities_match_separate_attentions() -> None:
     masks = torch.rand(2, 3, *LAT_HW, generator=g)  # at the layer's resolution: no resizing
     out = _run(attn, proc, hidden, text, FaceIDContext(tokens=tokens, latent_hw=LAT_HW, masks=masks, scale=0.8))
 
-    def heads(x: torch.Tensor) -> torch.Tensor:  # (B, S, H*d) -> (B, H, S, d)
-        return x.view(x.shape[0], x.shape[1], HEADS, HEAD_DIM).transpose(1, 2)
-
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        a = torch.softmax(q @ k.transpose(-1, -2) / HEAD_DIM**0.5, dim=-1) @ v
-        return a.transpose(1, 2).reshape(q.shape[0], -1, HEADS * HEAD_DIM)
-
-    q = heads(attn.to_q(hidden))
+    q = _heads(attn.to_q(hidden))
     w = (masks / masks.sum(1, keepdim=True)).flatten(2).transpose(1, 2)  # (B, L, N)
-    per_id = [attend(q, heads(proc.to_k_faceid(tokens[:, n])), heads(proc.to_v_faceid(tokens[:, n]))) for n in range(3)]
+    per_id = [_attend(q, _heads(proc.to_k_faceid(tokens[:, n])), _heads(proc.to_v_faceid(tokens[:, n])))
+              for n in range(3)]
     face = sum(w[:, :, n, None] * per_id[n] for n in range(3))
-    expected = attn.to_out[0](attend(q, heads(attn.to_k(text)), heads(attn.to_v(text))) + 0.8 * face)
+    expected = attn.to_out[0](_attend(q, _heads(attn.to_k(text)), _heads(attn.to_v(text))) + 0.8 * face)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
