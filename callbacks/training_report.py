@@ -7,6 +7,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from src.metrics.identity import nearest_neighbour_identification
+
 log = logging.getLogger(__name__)
 
 
@@ -51,13 +53,16 @@ class LossTrend(L.Callback):
 
 class IdentityProbe(L.Callback):
     """Before and after training, on the validation (held-out) batches: the denoising loss with each
-    image's own identity vs. another image's identity, same timesteps and noise (module.identity_gap)."""
+    image's own identity vs. another image's identity, same timesteps and noise (module.identity_gap),
+    and how well the identity tokens alone tell the held-out people apart (nearest-neighbour
+    identification, `src.metrics.identity`; the stage-2 router can separate faces no better)."""
 
     def __init__(self, max_batches: int = 8, seed: int = 1234) -> None:
         self.max_batches, self.seed = max_batches, seed
-        self.before: tuple[float, float] | None = None
+        self.before: tuple[float, float, float | None] | None = None
 
-    def measure(self, trainer, pl_module) -> tuple[float, float] | None:
+    def measure(self, trainer, pl_module) -> tuple[float, float, float | None] | None:
+        """(loss with own identity, loss with another identity, token nearest-neighbour accuracy)."""
         dm = trainer.datamodule
         if dm is None or getattr(dm, "val_shards", None) is None:
             return None
@@ -65,6 +70,8 @@ class IdentityProbe(L.Callback):
         pl_module.eval()
         own = other = 0.0
         n = 0
+        tokens: list[torch.Tensor] = []
+        labels: list[str] = []
         g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         for i, batch in enumerate(dm.val_dataloader()):
             if i >= self.max_batches:
@@ -72,8 +79,15 @@ class IdentityProbe(L.Callback):
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             a, b = pl_module.identity_gap(batch, generator=g)
             own, other, n = own + float(a), other + float(b), n + 1
+            with torch.no_grad():
+                t = pl_module.batch_identity_tokens(batch)  # (B, N, Q, D)
+            tokens.append(t[batch["face_valid"]].float().cpu())  # (M, Q, D), faces in (sample, slot) order
+            labels += [name for names in batch["identity"] for name in names]
         pl_module.train(was_training)
-        return (own / n, other / n) if n else None
+        if not n:
+            return None
+        nn_acc = nearest_neighbour_identification(torch.cat(tokens), labels) if tokens else None
+        return own / n, other / n, nn_acc
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.before is None:
@@ -85,12 +99,14 @@ class IdentityProbe(L.Callback):
             return
         for name, r in (("before training", self.before), ("after training", after)):
             if r is not None:
+                tok = "n/a (no identity occurs twice)" if r[2] is None else f"{r[2]:.3f}"
                 print(f"[identity probe] {name}: held-out loss with own identity {r[0]:.5f}, "
-                      f"with another identity {r[1]:.5f} (gap {r[1] - r[0]:+.5f})", flush=True)
+                      f"with another identity {r[1]:.5f} (gap {r[1] - r[0]:+.5f}); identity tokens' "
+                      f"nearest-neighbour identification of held-out faces {tok}", flush=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"before": list(self.before) if self.before else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         b = state_dict.get("before")
-        self.before = tuple(b) if b else None
+        self.before = (*b, None)[:3] if b else None  # checkpoints before the token probe hold two values

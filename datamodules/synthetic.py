@@ -20,6 +20,11 @@ five landmarks, the face box (the face oval's extent) and the masks (filled boxe
 coordinates are continuous pixel coordinates (pixel ``i`` spans ``[i, i+1)``, centre ``i + 0.5``), the convention
 of PIL's affine warps and of ``src.alignment.align_face``.
 
+The aligned recognition/CLIP crops are cut from the same scene rendered at ``crop_scale`` (default 4) times the image
+resolution, as real preparation cuts them from the full-resolution photo before the image is resized for training.
+Cut from the 64 px image itself, a 14 px face of a three-person image was blown up ~5x into a blur that lost the
+identity's eyes, moles, glasses and pattern.
+
 Layout written by :func:`generate` (and ``python -m datamodules.synthetic --out DIR``)::
 
     DIR/single/train-000000.tar ...          one face, training identities
@@ -408,19 +413,36 @@ def _paste_face(canvas: Image.Image, canon: CanonicalFace, pl: Placement) -> Non
     canvas.paste(rgb, (0, 0), alpha)
 
 
-def _lighting(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
-    """Brightness, contrast, per-channel colour cast and a linear lighting gradient; uint8 (H, W, 3) in/out."""
-    h, w = img.shape[:2]
-    x = img.astype(np.float32)
-    mean = x.mean()
-    x = (x - mean) * rng.uniform(0.75, 1.25) + mean * rng.uniform(0.75, 1.2)
-    x *= rng.uniform(0.9, 1.1, 3).astype(np.float32)
-    angle = rng.uniform(0, 2 * math.pi)
-    gx = (np.arange(w, dtype=np.float32) + 0.5) / w - 0.5
-    gy = (np.arange(h, dtype=np.float32) + 0.5) / h - 0.5
-    grad = 1.0 + rng.uniform(0, 0.3) * (math.cos(angle) * gx[None, :] + math.sin(angle) * gy[:, None])
-    x *= grad[..., None]
-    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+@dataclass(frozen=True)
+class Lighting:
+    """One image's lighting: contrast, brightness, per-channel colour cast and a linear gradient."""
+
+    contrast: float
+    brightness: float
+    cast: np.ndarray  # (3,) float32
+    angle: float
+    gradient: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "Lighting":
+        contrast, brightness = rng.uniform(0.75, 1.25), rng.uniform(0.75, 1.2)
+        cast = rng.uniform(0.9, 1.1, 3).astype(np.float32)
+        angle = rng.uniform(0, 2 * math.pi)
+        return cls(contrast, brightness, cast, angle, rng.uniform(0, 0.3))
+
+    def apply(self, img: np.ndarray, mean: np.floating | None = None) -> np.ndarray:
+        """uint8 (H, W, 3) in/out. `mean`: the grey level contrast pivots on (default: this image's mean; the
+        source-resolution render passes the training image's, so both get the same colour transform)."""
+        h, w = img.shape[:2]
+        x = img.astype(np.float32)
+        mean = x.mean() if mean is None else mean
+        x = (x - mean) * self.contrast + mean * self.brightness
+        x *= self.cast
+        gx = (np.arange(w, dtype=np.float32) + 0.5) / w - 0.5
+        gy = (np.arange(h, dtype=np.float32) + 0.5) / h - 0.5
+        grad = 1.0 + self.gradient * (math.cos(self.angle) * gx[None, :] + math.sin(self.angle) * gy[:, None])
+        x *= grad[..., None]
+        return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
 def caption_for(rng: np.random.Generator, n_faces: int, background: str) -> str:
@@ -447,23 +469,57 @@ def canonical_px(size: int) -> int:
     return int(min(4, max(1, math.ceil(size / 64))))
 
 
+def _render_source(
+    background: Image.Image, params: Sequence[IdentityParams], placements: Sequence[Placement], size: int,
+    scale: int, lighting: Lighting, mean: np.floating, cache: FaceCache,
+) -> np.ndarray:
+    """The same scene at `scale` x the image's resolution: the photograph the crops are cut from.
+
+    The background is the image's own, upsampled (it only frames the crops); the faces are drawn again from
+    canonical renders at the finer resolution with the image's placements scaled, then lit like the image.
+    Returns uint8 (size * scale, size * scale, 3).
+    """
+    side = size * scale
+    px = canonical_px(side)
+    canvas = background.resize((side * SUPERSAMPLE, side * SUPERSAMPLE), Image.Resampling.BILINEAR)
+    for ip, pl in zip(params, placements):
+        big = Placement(pl.scale * scale, pl.angle, (pl.centre[0] * scale, pl.centre[1] * scale))
+        _paste_face(canvas, cache.get(ip.index, px)[1], big)
+    return lighting.apply(np.asarray(canvas.reduce(SUPERSAMPLE)), mean)
+
+
 def render_sample(
-    rng: np.random.Generator, identities: Sequence[int], size: int, clip_size: int, key: str, cache: FaceCache
+    rng: np.random.Generator, identities: Sequence[int], size: int, clip_size: int, key: str, cache: FaceCache,
+    crop_scale: int = 4,
 ) -> Sample:
     """Draw one image with one face per entry of `identities` and build its full schema Sample.
+
+    The aligned crops are cut from the scene rendered at `crop_scale` x the image's resolution, as real
+    preparation crops faces from the full-resolution photo before it is resized for training: a face 14 px
+    wide in a 64 px three-person image is otherwise blown up ~5x into a blur that hides who it is. The
+    image itself does not depend on `crop_scale` (1 cuts the crops from the image).
 
     Returns image uint8 (size, size, 3); masks uint8 (N, size, size); recog uint8 (N, 112, 112, 3);
     clip uint8 (N, clip_size, clip_size, 3). Faces are ordered left to right.
     """
+    if crop_scale < 1:
+        raise ValueError(f"render_sample: crop_scale must be >= 1, got {crop_scale}")
     px = canonical_px(size)
     entries = [cache.get(k, px) for k in identities]
     params = [e[0] for e in entries]
     canons = [e[1] for e in entries]
     placements = place_faces(rng, canons, params, size)
     canvas, bg_name = _background(rng, size * SUPERSAMPLE)
+    background = canvas.copy() if crop_scale > 1 else None
     for canon, pl in zip(canons, placements):
         _paste_face(canvas, canon, pl)
-    image = _lighting(rng, np.asarray(canvas.reduce(SUPERSAMPLE)))  # (S, S, 3)
+    lighting = Lighting.draw(rng)
+    unlit = np.asarray(canvas.reduce(SUPERSAMPLE))
+    mean = unlit.astype(np.float32).mean()
+    image = lighting.apply(unlit, mean)  # (S, S, 3)
+    source = image
+    if background is not None:
+        source = _render_source(background, params, placements, size, crop_scale, lighting, mean, cache)
     order = sorted(range(len(params)), key=lambda i: placements[i].centre[0])
     faces, masks, recog, clip = [], [], [], []
     for i in order:
@@ -471,9 +527,9 @@ def render_sample(
         lms = _points(placements[i].matrix(), ARCFACE_TEMPLATE_112)  # (5, 2)
         faces.append(Face(box=[float(v) for v in box], landmarks=lms.tolist(), prob=1.0, identity=params[i].label))
         masks.append(box_to_mask(box, size, size))
-        recog.append(align_face(image, lms, FACE_RECOG_SIZE))
+        recog.append(align_face(source, lms * crop_scale, FACE_RECOG_SIZE))
         # Same field of view: at clip_size == 112 the CLIP crop is the recognition crop (one warp saved).
-        clip.append(recog[-1].copy() if clip_size == FACE_RECOG_SIZE else align_face(image, lms, clip_size))
+        clip.append(recog[-1].copy() if clip_size == FACE_RECOG_SIZE else align_face(source, lms * crop_scale, clip_size))
     return Sample(
         key=key, image=image, caption=caption_for(rng, len(params), bg_name), faces=faces,
         masks=np.stack(masks), recog=np.stack(recog), clip=np.stack(clip), source="synthetic",
@@ -495,6 +551,7 @@ class SyntheticConfig:
     samples_per_shard: int = 500
     seed: int = 0
     clip_size: int = 112
+    crop_scale: int = 4  # aligned crops cut from the scene rendered at this multiple of `size` (render_sample)
     jpeg_quality: int = 95
     progress: bool = True
 
@@ -510,6 +567,8 @@ class SyntheticConfig:
             raise ValueError(f"max_faces={self.max_faces}: multi-face images need at least 2")
         if self.heldout and self.unseen < 2:
             raise ValueError(f"heldout={self.heldout} needs unseen >= 2 for multi_unseen (got {self.unseen})")
+        if self.crop_scale < 1:
+            raise ValueError(f"crop_scale={self.crop_scale} must be >= 1 (1 cuts the crops from the image itself)")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard={self.samples_per_shard} must be >= 1")
 
@@ -558,7 +617,7 @@ def iter_split(spec: SplitSpec, cfg: SyntheticConfig, cache: FaceCache) -> Itera
     identity_lists = _identity_lists(np.random.default_rng([cfg.seed, split_code]), spec, cfg.max_faces)
     for i, ids in enumerate(identity_lists):
         rng = np.random.default_rng([cfg.seed, split_code, i, 1])
-        yield render_sample(rng, ids, cfg.size, cfg.clip_size, f"{spec.prefix}_{i:07d}", cache)
+        yield render_sample(rng, ids, cfg.size, cfg.clip_size, f"{spec.prefix}_{i:07d}", cache, cfg.crop_scale)
 
 
 def shard_pattern(prefix: str, n_shards: int) -> str:
@@ -623,20 +682,21 @@ def generate(out: Path, cfg: SyntheticConfig) -> dict:
 
 
 def render_identity_crops(
-    identity_ids: Sequence[int], n_per_id: int, seed: int = 0, size: int = 64
+    identity_ids: Sequence[int], n_per_id: int, seed: int = 0, size: int = 64, crop_scale: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
     """Aligned recognition crops of new single-face renders, for pretraining the tiny face backbone.
 
     Returns crops uint8 (M, 112, 112, 3) with M = len(identity_ids) * n_per_id, ordered identity-major, and
     labels int64 (M,) holding the identity index k of ``syn_<k>`` (the class index when ids == range(C)).
-    Images are drawn like the dataset's (same nuisance) at `size` px, then aligned from their landmarks.
+    Images are drawn like the dataset's (same nuisance) at `size` px, the crops cut like the dataset's (from the
+    scene at `crop_scale` x `size`, see `render_sample`).
     """
     cache = FaceCache()
     crops, labels = [], []
     for k in identity_ids:
         for j in range(n_per_id):
             rng = np.random.default_rng([seed, 1000, int(k), j])
-            s = render_sample(rng, [int(k)], size, FACE_RECOG_SIZE, f"crop_{k}_{j}", cache)
+            s = render_sample(rng, [int(k)], size, FACE_RECOG_SIZE, f"crop_{k}_{j}", cache, crop_scale)
             crops.append(s.recog[0])
             labels.append(int(k))
     empty = np.zeros((0, FACE_RECOG_SIZE, FACE_RECOG_SIZE, 3), np.uint8)
@@ -659,6 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-faces", type=int, default=d.max_faces, help="maximum faces per multi-face image")
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
     p.add_argument("--clip-size", type=int, default=d.clip_size, help="side of the aligned CLIP crop")
+    p.add_argument("--crop-scale", type=int, default=d.crop_scale,
+                   help="cut the aligned crops from the scene rendered at this multiple of --size (1: from the image)")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -670,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = SyntheticConfig(
         size=a.size, identities=a.identities, unseen=a.unseen, single=a.single, multi=a.multi, heldout=a.heldout,
         max_faces=a.max_faces, samples_per_shard=a.samples_per_shard, seed=a.seed, clip_size=a.clip_size,
-        jpeg_quality=a.jpeg_quality, progress=not a.no_progress,
+        crop_scale=a.crop_scale, jpeg_quality=a.jpeg_quality, progress=not a.no_progress,
     )
     manifest = generate(a.out, cfg)
     for name, s in manifest["splits"].items():

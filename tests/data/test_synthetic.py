@@ -139,7 +139,7 @@ def test_aligned_crop_puts_eyes_on_the_template() -> None:
     """Geometry by construction: the drawn pupils land on the template's eye points after alignment."""
     cache = FaceCache()
     for i in range(6):
-        s = render_sample(np.random.default_rng(i), [i], 192, 112, "k", cache)  # large: pupils are several px
+        s = render_sample(np.random.default_rng(i), [i], 192, 112, "k", cache, crop_scale=1)  # large: pupils are several px
         crop = align_face(s.image, np.asarray(s.faces[0].landmarks), 112)
         for eye in ARCFACE_TEMPLATE_112[:2]:
             assert np.linalg.norm(_dark_centroid(crop, eye) - eye) < 1.0  # measured ~0.3 px; a 2.5 px landmark shift gives ~2.5
@@ -153,13 +153,48 @@ def test_aligned_crop_puts_eyes_on_the_template() -> None:
     assert np.allclose(template(224), ARCFACE_TEMPLATE_112 * 2)
 
 
+def _canonical_corr(crop: np.ndarray, k: int) -> float:
+    """Pixel correlation of an aligned crop's face interior with identity k's canonical drawing."""
+    canon = np.asarray(render_canonical(identity_params(k), px=1).rgb)
+    o = int(CANVAS_OFFSET)
+    ref = canon[o + 30: o + 100, o + 25: o + 90].astype(np.float64).ravel()
+    return float(np.corrcoef(crop[30:100, 25:90].astype(np.float64).ravel(), ref)[0, 1])
+
+
+def test_crops_are_cut_from_the_finer_render() -> None:
+    """Small faces of three-person images: the crops come from the scene at crop_scale x, the image does not change."""
+    cache = FaceCache()
+    fine, coarse = [], []
+    for i in range(4):
+        ids = [3 * i, 3 * i + 1, 3 * i + 2]
+        a = render_sample(np.random.default_rng(i), ids, 64, 112, "k", cache, crop_scale=1)
+        b = render_sample(np.random.default_rng(i), ids, 64, 112, "k", cache, crop_scale=4)
+        np.testing.assert_array_equal(a.image, b.image)  # the training image is independent of crop_scale
+        np.testing.assert_array_equal(a.masks, b.masks)
+        assert a.faces == b.faces and a.caption == b.caption
+        np.testing.assert_array_equal(b.clip, b.recog)
+        for face, ca, cb in zip(b.faces, a.recog, b.recog):
+            k = int(face.identity.split("_")[1])
+            coarse.append(_canonical_corr(ca, k))
+            fine.append(_canonical_corr(cb, k))
+            for eye in ARCFACE_TEMPLATE_112[:2]:  # still aligned: the pupils sit on the template
+                assert np.linalg.norm(_dark_centroid(cb, eye) - eye) < 1.5
+    # the finer crops are closer to the drawn identity (sharper patterns, eyes, moles)
+    assert np.mean(fine) > np.mean(coarse) + 0.05, (np.mean(fine), np.mean(coarse))
+    with pytest.raises(ValueError, match="crop_scale"):
+        render_sample(np.random.default_rng(0), [0], 64, 112, "k", cache, crop_scale=0)
+
+
 def test_cli_writes_dataset(tmp_path: Path) -> None:
     manifest = main(["--out", str(tmp_path), "--identities", "3", "--unseen", "2", "--single", "2", "--multi", "2",
-                     "--heldout", "1", "--samples-per-shard", "2", "--clip-size", "96", "--no-progress"])
-    assert manifest["options"]["clip_size"] == 96
+                     "--heldout", "1", "--samples-per-shard", "2", "--clip-size", "96", "--crop-scale", "2",
+                     "--no-progress"])
+    assert manifest["options"]["clip_size"] == 96 and manifest["options"]["crop_scale"] == 2
     s = decode_sample(read_raw(tmp_path / "single" / "train-000000.tar")[0])
     assert s.clip.shape == (1, 96, 96, 3)
     with tarfile.open(tmp_path / "heldout" / "multi_unseen-000000.tar") as t:
         assert any(n.endswith(".faces.json") for n in t.getnames())
     with pytest.raises(ValueError, match="unseen"):
         SyntheticConfig(heldout=1, unseen=1).validate()
+    with pytest.raises(ValueError, match="crop_scale"):
+        SyntheticConfig(crop_scale=0).validate()
