@@ -308,13 +308,22 @@ def synthetic_identity_indices(manifest: dict, split: str) -> list[int]:
     return [int(str(s).rsplit("_", 1)[1]) for s in labels]
 
 
-def synthetic_reference(k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One new single-face render of synthetic identity k -> aligned (recog (112, 112, 3), clip crop) uint8."""
+def synthetic_reference(k: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One new single-face render of synthetic identity k -> uint8 aligned crops (recog (112, 112, 3), clip crop,
+    scoring crop (112, 112, 3)).
+
+    recog and clip condition the generator and are cut like the training data's (from the finer render,
+    `render_sample`). The scoring crop is cut from the `size` px image itself, the way the recogniser sees the
+    faces of generated `size` px images, so reference and generated faces are embedded alike.
+    """
     from datamodules.synthetic import FaceCache, render_sample
 
-    rng = np.random.default_rng([SYNTHETIC_REFERENCE_SEED, k])
-    s = render_sample(rng, [k], size, FACE_RECOG_SIZE, f"reference_{k}", FaceCache())
-    return s.recog[0], s.clip[0]
+    cache = FaceCache()
+    seed = [SYNTHETIC_REFERENCE_SEED, k]
+    s = render_sample(np.random.default_rng(seed), [k], size, FACE_RECOG_SIZE, f"reference_{k}", cache)
+    scored = render_sample(np.random.default_rng(seed), [k], size, FACE_RECOG_SIZE, f"reference_{k}", cache,
+                           crop_scale=1)  # the same image
+    return s.recog[0], s.clip[0], scored.recog[0]
 
 
 def synthetic_identities(
@@ -328,12 +337,12 @@ def synthetic_identities(
         raise ValueError("manifest.json lists no held-out ('unseen') identities to evaluate")
     out = []
     for idx in bp.spread(ids, k):
-        recog, clip = synthetic_reference(idx, size)
+        recog, clip, scored = synthetic_reference(idx, size)
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
             Image.fromarray(recog).save(save_dir / f"syn_{idx}.png")
         out.append(BenchIdentity(f"syn_{idx}", SYNTHETIC_CLASS_WORD, Identity.from_crops(recog, clip),
-                                 recognizer.embed_aligned(recog), recog))
+                                 recognizer.embed_aligned(scored), recog))
     return out
 
 
