@@ -317,13 +317,12 @@ def synthetic_reference(k: int, size: int) -> tuple[np.ndarray, np.ndarray, np.n
     faces of generated `size` px images, so reference and generated faces are embedded alike.
     """
     from datamodules.synthetic import FaceCache, render_sample
+    from src.alignment import align_face
 
-    cache = FaceCache()
-    seed = [SYNTHETIC_REFERENCE_SEED, k]
-    s = render_sample(np.random.default_rng(seed), [k], size, FACE_RECOG_SIZE, f"reference_{k}", cache)
-    scored = render_sample(np.random.default_rng(seed), [k], size, FACE_RECOG_SIZE, f"reference_{k}", cache,
-                           crop_scale=1)  # the same image
-    return s.recog[0], s.clip[0], scored.recog[0]
+    rng = np.random.default_rng([SYNTHETIC_REFERENCE_SEED, k])
+    s = render_sample(rng, [k], size, FACE_RECOG_SIZE, f"reference_{k}", FaceCache())
+    scored = align_face(s.image, np.asarray(s.faces[0].landmarks), FACE_RECOG_SIZE)  # (112, 112, 3)
+    return s.recog[0], s.clip[0], scored
 
 
 def synthetic_identities(
