@@ -430,12 +430,11 @@ class Lighting:
         angle = rng.uniform(0, 2 * math.pi)
         return cls(contrast, brightness, cast, angle, rng.uniform(0, 0.3))
 
-    def apply(self, img: np.ndarray, mean: np.floating | None = None) -> np.ndarray:
-        """uint8 (H, W, 3) in/out. `mean`: the grey level contrast pivots on (default: this image's mean; the
-        source-resolution render passes the training image's, so both get the same colour transform)."""
+    def apply(self, img: np.ndarray, mean: np.floating) -> np.ndarray:
+        """uint8 (H, W, 3) in/out. `mean`: the grey level contrast pivots on (the training image's, also for the
+        finer render the crops are cut from, so both get the same colour transform)."""
         h, w = img.shape[:2]
         x = img.astype(np.float32)
-        mean = x.mean() if mean is None else mean
         x = (x - mean) * self.contrast + mean * self.brightness
         x *= self.cast
         gx = (np.arange(w, dtype=np.float32) + 0.5) / w - 0.5
