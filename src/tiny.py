@@ -134,7 +134,8 @@ def tiny_components(root: Path) -> presets.ComponentPaths:
 
 
 def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_steps: int = 600,
-          unet_steps: int = 400, face_steps: int = 120, pretrain_images: int = 2000) -> dict:
+          unet_steps: int = 400, face_steps: int = 120, pretrain_images: int = 2000,
+          face_pooled_weight: float = 0.0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"seed": seed}
     t0 = time.time()
@@ -153,12 +154,19 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
         crops, labels = render_identity_crops(train_ids, n_per_id=24, seed=seed + 1)
         held, held_labels = render_identity_crops(train_ids, n_per_id=4, seed=seed + 2)
         x = uint8_to_unit(crops)
-        before = evaluate_verification(face, uint8_to_unit(held), torch.as_tensor(held_labels))
-        stats = pretrain_recognition(face, x, torch.as_tensor(labels), steps=face_steps, seed=seed)
-        after = evaluate_verification(face, uint8_to_unit(held), torch.as_tensor(held_labels))
+        held_x, held_y = uint8_to_unit(held), torch.as_tensor(held_labels)
+        before = evaluate_verification(face, held_x, held_y)
+        pooled_before = evaluate_verification(face, held_x, held_y, pooled=True)
+        stats = pretrain_recognition(face, x, torch.as_tensor(labels), steps=face_steps, seed=seed,
+                                     pooled_weight=face_pooled_weight)
+        after = evaluate_verification(face, held_x, held_y)
+        pooled_after = evaluate_verification(face, held_x, held_y, pooled=True)
         save_file({k: v.contiguous() for k, v in face.state_dict().items()}, str(face_path))
-        report["face_backbone"] = {"new_render_accuracy_before": before, "after": after, **stats}
-        log.info("tiny face backbone: identification accuracy on new renders %.3f -> %.3f", before, after)
+        report["face_backbone"] = {"new_render_accuracy_before": before, "after": after,
+                                   "pooled_map_accuracy_before": pooled_before, "pooled_map_after": pooled_after,
+                                   **stats}
+        log.info("tiny face backbone: identification accuracy on new renders %.3f -> %.3f "
+                 "(embedding), %.3f -> %.3f (spatial mean of F_r)", before, after, pooled_before, pooled_after)
 
     clip_path = out / "clip.safetensors"
     if not clip_path.exists():
@@ -203,12 +211,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--unet-steps", type=int, default=400)
     p.add_argument("--face-steps", type=int, default=120)
+    p.add_argument("--face-pooled-weight", type=float, default=0.0,
+                   help="weight of a second face-backbone margin loss on the spatial mean of its last map "
+                        "(0: off, the default; see src.models.face_pretrain.pooled_features)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    report = build(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps, face_steps=a.face_steps)
+    report = build(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps, face_steps=a.face_steps,
+                   face_pooled_weight=a.face_pooled_weight)
     print(json.dumps(report, indent=2, default=str))
 
 
