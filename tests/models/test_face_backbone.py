@@ -197,7 +197,7 @@ def test_pretrain_recognition_beats_untrained() -> None:
 def test_pooled_margin_loss_puts_identity_into_the_map_tokens() -> None:
     """The Q-Former reads the last map's 49 tokens without positions, so identity must survive their
     average. Training with ``pooled_weight`` (a margin head on that spatial mean) identifies new
-    renders from the mean better than the same run without it, at no cost to the embedding."""
+    renders from the mean better than the same run without it, and its embedding still identifies them."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     protos = torch.rand(8, 3, 6, 6, generator=g) * 2 - 1
@@ -216,7 +216,7 @@ def test_pooled_margin_loss_puts_identity_into_the_map_tokens() -> None:
                                evaluate_verification(bb, test_x, test_y, pooled=True))
     finally:
         torch.set_num_threads(threads)
-    (emb_plain, pooled_plain), (emb_pooled, pooled_pooled) = results[0.0], results[1.0]
+    (_, pooled_plain), (emb_pooled, pooled_pooled) = results[0.0], results[1.0]
     assert pooled_pooled >= pooled_plain + 0.15, results  # measured 0.19 -> 0.44 (chance 0.125)
     assert emb_pooled >= 0.7, results
 
