@@ -354,14 +354,33 @@ def box_to_mask(box: Sequence[float], height: int, width: int) -> np.ndarray:
     return (inside_y[:, None] & inside_x[None, :]).astype(np.uint8)
 
 
+def face_width_range(n: int) -> tuple[float, float]:
+    """Range of a face box's width, as a fraction of the image side, in an image of `n` faces.
+
+    One face: 0.40-0.62. Several: the upper end falls as ``0.62 * n**-0.4`` (2 faces 0.31-0.47, 3 faces
+    0.26-0.40), slower than ``1/n`` because a group photo's faces share the image in two dimensions. The size is
+    what the router sees of a face: with :func:`place_faces`, 3-face images' faces are ~17 px wide at 64 px, ~4
+    cells of the tiny VAE's 16x16 latent (docs/benchmarks.md, session 10).
+    """
+    hi = 0.62 * n ** -0.4
+    return 0.65 * hi, hi
+
+
 def place_faces(
-    rng: np.random.Generator, canons: Sequence[CanonicalFace], params: Sequence[IdentityParams], size: int
+    rng: np.random.Generator, canons: Sequence[CanonicalFace], params: Sequence[IdentityParams], size: int,
+    position_tries: int = 25,
 ) -> list[Placement]:
-    """Random non-overlapping poses: every face box inside the image, no two drawn extents overlapping."""
+    """Random non-overlapping poses: every face box inside the image, no two drawn extents overlapping.
+
+    Widths are drawn from :func:`face_width_range`; positions (and angles) are redrawn up to `position_tries`
+    times before all faces shrink by 5% and are tried again. (Shrinking after every collision, as a first
+    version did, left 3-face images' faces at 9-14 px, well under the drawn range.)
+    """
     n = len(params)
-    hi = 0.62 if n == 1 else 0.8 / n  # face-box width as a fraction of the image side
-    width_frac = rng.uniform(0.65 * hi, hi, n)
-    for _ in range(60):
+    width_frac = rng.uniform(*face_width_range(n), n)
+    for attempt in range(60 * position_tries):
+        if attempt and attempt % position_tries == 0:
+            width_frac *= 0.95  # crowded: shrink the faces
         placements: list[Placement] = []
         for ip, canon, frac in zip(params, canons, width_frac):
             scale = frac * size / (2 * ip.face_rx)
@@ -377,7 +396,6 @@ def place_faces(
             placements.append(pl)
         if len(placements) == n:
             return placements
-        width_frac *= 0.95  # crowded: shrink the faces and draw again
     raise RuntimeError(f"could not place {n} non-overlapping faces in a {size}px image")
 
 
