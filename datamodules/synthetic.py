@@ -5,7 +5,7 @@ so ``syn_7`` is the same person in every dataset, whatever ``--seed`` is; the se
 drawn (identity assignment, pose, lighting, background, captions).
 
 What carries identity (stable across an identity's images):
-- moderate colours: skin tone (natural or fantasy), hair colour and hair style, lip colour;
+- moderate colours: skin tone, hair colour and hair style, lip colour;
 - details that diffusion noise destroys early (a lesson from a prototype, where flat-colour identities let the
   denoiser ignore *which* identity it was given): a face-paint pattern (stripes / checker / dots / rings) of an
   identity-specific period, orientation, colour and region, eye shape and iris colour, eyebrow thickness and tilt,
@@ -65,13 +65,8 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (130, 60, 170), "orange": (230, 130, 40), "pink": (235, 145, 185), "teal": (40, 150, 150),
     "grey": (128, 128, 128), "white": (235, 235, 235), "brown": (120, 80, 50), "black": (30, 30, 30),
 }
-# Five natural tones and seven fantasy ones (face paint, avatars), >= 48 RGB units apart: a face is 3-6 cells of the
-# tiny VAE's 16x16 latent, where skin colour is what the router sees most of. With six natural tones (two pairs
-# ~35 units apart) a third of two-face pairs looked alike there (docs/benchmarks.md, session 12).
 SKIN_TONES = np.array(
-    [(250, 214, 170), (226, 176, 112), (190, 128, 70), (140, 86, 42), (92, 58, 36),
-     (150, 190, 240), (150, 215, 150), (200, 165, 235), (240, 150, 150), (175, 175, 190), (120, 190, 190),
-     (235, 225, 120)], np.float32
+    [(241, 194, 125), (224, 172, 105), (198, 134, 66), (141, 85, 36), (255, 219, 172), (110, 70, 40)], np.float32
 )
 HAIR_COLOURS = np.array(
     [(25, 20, 18), (90, 60, 30), (220, 190, 120), (160, 60, 30), (170, 170, 170), (60, 90, 200), (60, 150, 80),
@@ -153,7 +148,7 @@ def identity_params(k: int) -> IdentityParams:
     glasses = _jitter(rng, HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))], 20) if rng.uniform() < 0.3 else None
     return IdentityParams(
         index=k,
-        skin=_jitter(rng, SKIN_TONES[rng.integers(len(SKIN_TONES))], 8),
+        skin=_jitter(rng, SKIN_TONES[rng.integers(len(SKIN_TONES))], 12),
         face_rx=float(rng.uniform(34, 40)),
         face_ry=float(rng.uniform(44, 50)),
         hair_colour=_jitter(rng, HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))], 15),
