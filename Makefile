@@ -37,10 +37,10 @@ demo: train-tiny train-tiny-stage2  ## the main job: both stages on the embedded
 test: install  ## fast test suite (slow tests excluded)
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: install  ## only the slow tests (end-to-end runs; .ci/run runs them after `make test`)
+test-slow: tiny  ## only the slow tests (end-to-end runs, some on make tiny's world; .ci/run runs them after `make test`)
 	$(PY) -m pytest -q -m slow
 
-test-all: install  ## everything, slow tests included
+test-all: tiny  ## everything, slow tests included (builds make tiny's world first)
 	$(PY) -m pytest -q
 
 bench: tiny

@@ -17,6 +17,7 @@ from tests.helpers import tiny_args, write_components_yaml
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CELEBA_EVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "celeba_eval"
+TINY_ROOT = Path(__file__).resolve().parents[2] / "artifacts" / "tiny"  # `make tiny`'s world
 SMALL_MODEL = ["--model.qformer.depth=1", "--model.lora_rank=4"]
 
 
@@ -159,15 +160,24 @@ def test_sliding_windows_and_nms():
 
 
 @pytest.mark.slow
-def test_trained_checkpoint_scores_higher_face_sim_than_untrained(tiny_world, tmp_path):
-    """Same seeds / prompts / references: a stage-1 run of 150 steps vs the same model with lr 0
-    (untrained adapters). Takes about 2-3 minutes on one CPU thread."""
-    untrained = train_checkpoint(tiny_world, tmp_path / "untrained", 1, 1, ["--model.lr=0.0"])
-    trained = train_checkpoint(tiny_world, tmp_path / "trained", 1, 150)
-    common = ["--identities", "4", "--prompts", "4", "--images", "2", "--protocol", "single"]
-    before = run_eval(tiny_world, untrained, tmp_path / "e0", *common)["single"]["face_sim"]
-    after = run_eval(tiny_world, trained, tmp_path / "e1", *common)["single"]["face_sim"]
-    assert after > before, (before, after)
+@pytest.mark.skipif(not (TINY_ROOT / "tiny_report.json").is_file(),
+                    reason=f"needs the embedded default world at {TINY_ROOT}: run `make tiny` (`make test-slow` does)")
+def test_trained_checkpoint_scores_higher_face_sim_than_untrained(tmp_path):
+    """Same seeds / prompts / references: a stage-1 run of 150 steps vs the same model with lr 0 (untrained
+    adapters), 96 generations of 10 sampling steps each, scored by the world's face recogniser.
+
+    On `make tiny`'s world (read only; runs and results go to tmp_path), not the `tiny_world` fixture: the
+    fixture's VAE and face backbone are pretrained 2 steps, so its generations carry no identity to score and
+    the margin there was noise (+0.02 at 10 sampling steps), and 2-step generations carry none either (margin
+    -0.1 here). On this world: +2.7 (96 generations), +5.8 / +6.1 (two sets of 32); docs/benchmarks.md,
+    session 14. About 3 minutes on two threads."""
+    untrained = train_checkpoint(TINY_ROOT, tmp_path / "untrained", 1, 1, ["--model.lr=0.0"])
+    trained = train_checkpoint(TINY_ROOT, tmp_path / "trained", 1, 150)
+    common = ["--identities", "4", "--prompts", "4", "--images", "6", "--protocol", "single", "--steps", "10"]
+    before = run_eval(TINY_ROOT, untrained, tmp_path / "e0", *common)["single"]
+    after = run_eval(TINY_ROOT, trained, tmp_path / "e1", *common)["single"]
+    assert before["num_images"] == after["num_images"] == 96
+    assert after["face_sim"] > before["face_sim"] + 1.0, (before["face_sim"], after["face_sim"])
 
 
 def components_yaml(world: Path, path: Path) -> Path:
