@@ -170,7 +170,7 @@ def test_trained_checkpoint_scores_higher_face_sim_than_untrained(tmp_path):
     fixture's VAE and face backbone are pretrained 2 steps, so its generations carry no identity to score and
     the margin there was noise (+0.02 at 10 sampling steps), and 2-step generations carry none either (margin
     -0.1 here). On this world: +2.7 (96 generations), +5.8 / +6.1 (two sets of 32); docs/benchmarks.md,
-    session 14. About 3 minutes on two threads."""
+    session 14. About 4-5 minutes on two threads."""
     untrained = train_checkpoint(TINY_ROOT, tmp_path / "untrained", 1, 1, ["--model.lr=0.0"])
     trained = train_checkpoint(TINY_ROOT, tmp_path / "trained", 1, 150)
     common = ["--identities", "4", "--prompts", "4", "--images", "6", "--protocol", "single", "--steps", "10"]
