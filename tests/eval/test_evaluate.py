@@ -12,12 +12,13 @@ from PIL import Image
 
 from src import benchmark_prompts as bp
 from src import evaluate
+from src.generate import DEFAULT_TINY
 from src.train import main as train_main
 from tests.helpers import tiny_args, write_components_yaml
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CELEBA_EVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "celeba_eval"
-TINY_ROOT = Path(__file__).resolve().parents[2] / "artifacts" / "tiny"  # `make tiny`'s world
+TINY_ROOT = CONFIGS.parent / DEFAULT_TINY  # `make tiny`'s world, anchored at the checkout
 SMALL_MODEL = ["--model.qformer.depth=1", "--model.lora_rank=4"]
 
 
@@ -41,9 +42,9 @@ def checkpoints(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     return {"stage1": s1, "stage2": s2}
 
 
-def run_eval(world: Path, ckpt: Path, out: Path, *extra: str) -> dict:
+def run_eval(world: Path, ckpt: Path, out: Path, *extra: str, steps: int = 2) -> dict:
     return evaluate.main(["--tiny-root", str(world), "--checkpoint", str(ckpt), "--out", str(out),
-                          "--steps", "2", "--device", "cpu", "--calibration-renders", "4", *extra])
+                          "--steps", str(steps), "--device", "cpu", "--calibration-renders", "4", *extra])
 
 
 def test_single_protocol_outputs_and_resume(tiny_world, checkpoints, tmp_path, capsys):
@@ -173,9 +174,9 @@ def test_trained_checkpoint_scores_higher_face_sim_than_untrained(tmp_path):
     session 14. About 4-5 minutes on two threads."""
     untrained = train_checkpoint(TINY_ROOT, tmp_path / "untrained", 1, 1, ["--model.lr=0.0"])
     trained = train_checkpoint(TINY_ROOT, tmp_path / "trained", 1, 150)
-    common = ["--identities", "4", "--prompts", "4", "--images", "6", "--protocol", "single", "--steps", "10"]
-    before = run_eval(TINY_ROOT, untrained, tmp_path / "e0", *common)["single"]
-    after = run_eval(TINY_ROOT, trained, tmp_path / "e1", *common)["single"]
+    common = ["--identities", "4", "--prompts", "4", "--images", "6", "--protocol", "single"]
+    before = run_eval(TINY_ROOT, untrained, tmp_path / "e0", *common, steps=10)["single"]
+    after = run_eval(TINY_ROOT, trained, tmp_path / "e1", *common, steps=10)["single"]
     assert before["num_images"] == after["num_images"] == 96
     assert after["face_sim"] > before["face_sim"] + 1.0, (before["face_sim"], after["face_sim"])
 
