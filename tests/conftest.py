@@ -36,8 +36,8 @@ def _hermetic_cwd(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
-    """A config may set `torch_threads` (configs/tiny/stage2.yaml sets 2) and the CLI applies it to
-    this process; put the suite's one thread back after every test, so no test inherits it."""
+    """A config may set `torch_threads` (configs/tiny/stage1.yaml sets 2, stage2.yaml inherits it) and the
+    CLI applies it to this process; put the suite's one thread back after every test, so no test inherits it."""
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)

@@ -57,6 +57,16 @@ def test_stage1_optimizer_holds_exactly_the_trainable_parameters(module):
     assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable(module)
 
 
+def test_stage1_group_learning_rates_follow_their_scales(tiny_world):
+    m = make_module(tiny_world, lr=2e-3, lora_lr_scale=0.5, id_embedding_lr_scale=0.1)
+    lrs = {g["name"]: g["lr"] for g in m.param_groups()}
+    assert lrs == pytest.approx({"id_embedding": 2e-4, "faceid_attention": 2e-3, "lora_single_id": 1e-3})
+    opt = m.configure_optimizers()
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx(lrs)
+    with pytest.raises(ValueError, match="model.id_embedding_lr_scale must be >= 0"):
+        make_module(tiny_world, id_embedding_lr_scale=-0.1)
+
+
 def test_stage2_groups_freeze_id_embedding_and_scale_lora_lr(tiny_world):
     m = make_module(tiny_world, stage=2, lr=2e-3, stage2_lora_lr_scale=0.1)
     groups = {g["name"]: g for g in m.param_groups()}

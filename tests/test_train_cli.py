@@ -95,7 +95,7 @@ def test_torch_threads_sets_the_training_process_threads_and_rejects_zero(tiny_w
         assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(before)
-    main(args, run=False)  # unset: the process keeps its thread count
+    main([*args, "--torch_threads=null"], run=False)  # unset (the tiny configs set 2): the count stays
     assert torch.get_num_threads() == before
     with pytest.raises(SystemExit):
         main([*args, "--torch_threads=0"], run=False)
