@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid
 
+from callbacks.training_report import heldout_batches, report_path, write_report
 from src.metrics import RoutingAccuracy
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,37 @@ def routing_panel(image: torch.Tensor, hard: list[torch.Tensor], masks: torch.Te
     tiles += [0.5 * base + 0.5 * colourise(h.float().cpu() * valid.float().cpu()[..., None, None], size) for h in hard]
     rows = torch.stack(tiles, dim=1).flatten(0, 1)  # (B * (2 + L), 3, H, W)
     return make_grid(rows, nrow=len(tiles), padding=2, pad_value=1.0)
+
+
+def pooled_routing(hard: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Mean over the routed layers of their one-hot maps [(B, N, h_l, w_l)], each upsampled to `size`:
+    (B, N, H, W), the share of layers that route each position to each identity."""
+    return torch.stack([F.interpolate(h.float().cpu(), size=size, mode="nearest") for h in hard]).mean(0)
+
+
+def save_routing_picture(path: Path, rows: dict[str, torch.Tensor], columns: list[str], scale: int = 3) -> Path:
+    """Write a PNG of labelled panels: one `routing_panel` grid (3, H', W') per named row group, stacked,
+    upscaled `scale` times (nearest), with the column titles above and each group's name at its left."""
+    from PIL import Image, ImageDraw
+
+    panels = [(name, (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()) for name, grid in rows.items()]
+    width = max(a.shape[1] for _, a in panels) * scale
+    label_w, header_h, gap = 90, 16, 6
+    height = header_h + sum(a.shape[0] * scale + gap for _, a in panels)
+    canvas = Image.new("RGB", (label_w + width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    col_w = width / len(columns)
+    for i, title in enumerate(columns):
+        draw.text((label_w + i * col_w + 4, 2), title, fill="black")
+    y = header_h
+    for name, a in panels:
+        img = Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST)
+        canvas.paste(img, (label_w, y))
+        draw.text((4, y + 4), name, fill="black")
+        y += img.height + gap
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
 
 
 def short_layer_name(name: str) -> str:
@@ -108,32 +141,58 @@ class RoutingMapLogger(L.Callback):
 class RoutingAccuracyReport(L.Callback):
     """Before and after training: routing accuracy on held-out multi-face shards, per timestep band,
     split by the number of faces (2, 3, ...), for each named split (e.g. seen / unseen identities).
-    Printed at the end of training and logged as `routing_report/<split>/<n>faces/<band>`. After
+    Printed at the end of training (every band side by side), logged as
+    `routing_report/<split>/<n>faces/<band>` and written to the run's `report.json` (section
+    "routing_accuracy", `callbacks.training_report.write_report`). After
     training it also prints each routed layer's accuracy (name and resolution) in the t<250 band and
     over all bands, which shows whether the pooled number is lost in some layers more than others;
     kept in `self.after_layers` as {group: {layer: {band: acc}}}.
+
+    It also writes `routing_maps.png` beside the report: for the first `picture_images` images of each
+    split, the image, its true face masks, and the routing before and after training at t =
+    `picture_t` (one colour per identity, the routed layers pooled), so the learning can be seen.
 
     splits: name -> shard pattern. max_batches: batches per split (None: the whole split).
     band_samples: timesteps per band (each a separate forward of every batch).
     """
 
     def __init__(self, splits: dict[str, str], max_batches: int | None = 4, batch_size: int = 16,
-                 band_samples: int = 2, seed: int = 0) -> None:
+                 band_samples: int = 2, seed: int = 0, picture_images: int = 4, picture_t: int = 100) -> None:
         self.splits, self.max_batches, self.batch_size = splits, max_batches, batch_size
         self.band_samples, self.seed = band_samples, seed
+        self.picture_images, self.picture_t = picture_images, picture_t
         self.before: dict[str, dict[str, float]] | None = None
+        self.before_maps: dict[str, torch.Tensor] | None = None
         self.after_layers: dict[str, dict[str, dict[str, float]]] = {}
 
-    def _batches(self, pattern: str, resolution: int):
-        from datamodules.datamodule import FaceShardDataModule
+    def picture_batches(self, trainer, pl_module) -> dict[str, tuple[dict[str, Any], torch.Tensor]]:
+        """{split: (its first `picture_images` held-out images as a batch, pooled routing (k, N, H, W) at
+        t = picture_t)}."""
+        resolution = getattr(trainer.datamodule, "resolution", 64)
+        out = {}
+        for name, pattern in self.splits.items():
+            batch = next(heldout_batches(pattern, resolution, self.picture_images, multi_id=True, seed=self.seed), None)
+            if batch is None:
+                continue
+            routed = pl_module.routing_maps(pl_module.transfer_batch_to_device(batch, pl_module.device, 0),
+                                            self.picture_t, seed=self.seed)
+            if routed["hard"]:
+                out[name] = (batch, pooled_routing(routed["hard"], tuple(batch["image"].shape[-2:])))
+        return out
 
-        dm = FaceShardDataModule(train_shards=pattern, val_shards=pattern, multi_id=True, resolution=resolution,
-                                 batch_size=self.batch_size, num_workers=0, shuffle_buffer=0, seed=self.seed)
-        dm.setup("validate")
-        for i, batch in enumerate(dm.val_dataloader()):
-            if self.max_batches is not None and i >= self.max_batches:
-                return
-            yield batch
+    def write_picture(self, trainer, after: dict[str, tuple[dict[str, Any], torch.Tensor]]) -> Path | None:
+        """routing_maps.png beside the run's report.json: image | true masks | before | after, per split."""
+        if not after:
+            return None
+        before = self.before_maps or {}
+        with_before = all(k in before and before[k].shape == maps.shape for k, (_, maps) in after.items())
+        rows = {name: routing_panel(batch["image"], [before[name], maps] if with_before else [maps],
+                                    batch["face_masks"], batch["face_valid"])
+                for name, (batch, maps) in after.items()}
+        columns = ["image", "true face masks"] + (["before training"] if with_before else []) + ["after training"]
+        path = save_routing_picture(report_path(trainer).parent / "routing_maps.png", rows, columns)
+        print(f"[routing maps] {path}: {', '.join(columns)} (t={self.picture_t}, routed layers pooled)", flush=True)
+        return path
 
     def measure(self, trainer, pl_module) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
         """({"<split>/<n>faces": {band: acc}} pooled over layers, {group: {layer: {band: acc}}})."""
@@ -144,7 +203,8 @@ class RoutingAccuracyReport(L.Callback):
         for name, pattern in self.splits.items():
             metrics: dict[int, RoutingAccuracy] = {}
             per_layer: dict[tuple[int, str], RoutingAccuracy] = {}
-            for batch in self._batches(pattern, resolution):
+            for batch in heldout_batches(pattern, resolution, self.batch_size, multi_id=True, seed=self.seed,
+                                         max_batches=self.max_batches):
                 batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
                 n_faces = batch["face_valid"].sum(1).cpu()
                 for lo, hi in BANDS.values():
@@ -170,6 +230,8 @@ class RoutingAccuracyReport(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.before is None and pl_module.stage == 2:
             self.before, _ = self.measure(trainer, pl_module)
+            if self.picture_images:
+                self.before_maps = {k: maps for k, (_, maps) in self.picture_batches(trainer, pl_module).items()}
 
     def on_train_end(self, trainer, pl_module) -> None:
         if pl_module.stage != 2 or not trainer.is_global_zero:
@@ -188,9 +250,14 @@ class RoutingAccuracyReport(L.Callback):
                 for b, v in bands.items():
                     exp.add_scalar(f"routing_report/{group}/{b}", v, trainer.global_step)
         self.after = after
+        write_report(trainer, "routing_accuracy", {"global_step": trainer.global_step, "before": self.before,
+                                                   "after": after, "after_layers": self.after_layers})
+        if self.picture_images:
+            self.write_picture(trainer, self.picture_batches(trainer, pl_module))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"before": self.before}
+        return {"before": self.before, "before_maps": self.before_maps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.before = state_dict.get("before")
+        self.before_maps = state_dict.get("before_maps")

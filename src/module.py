@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from src.conventions import vae_latents
+from src.metrics.identity import other_identity_partners
 from src.models import adapters
 from src.models.context import FaceIDContext, RoutingRecord
 from src.models.id_embedding import IDEmbedding
@@ -67,8 +68,9 @@ class UniPortraitModule(L.LightningModule):
     lora_lr_scale: LoRA group multiplier in stage 1.
     id_embedding_lr_scale: ID-embedding group multiplier in stage 1 (the paper trains it at `lr`). A
         smaller value keeps different people's identity tokens apart on a weak identity signal: on the
-        embedded default, 0.1 gives a median token cosine of 0.85 between two people of one image
-        instead of 0.99 and lifts routing (docs/benchmarks.md, session 15).
+        embedded default (commit 5367c0b, 2026-12-05), 0.1 instead of 1.0 lifted `make demo`'s stage-2
+        routing accuracy at t<250 from 0.879 / 0.764 / 0.916 / 0.751 to 0.911 / 0.798 / 0.936 / 0.789
+        (seen 2 / seen 3 / unseen 2 / unseen 3 faces).
     stage2_lora_lr_scale: LoRA group multiplier in stage 2 (paper: 0.1).
     optimizer: optimizer factory, called with the named parameter groups.
     lr_scheduler: optional scheduler factory, called with the optimizer and stepped once per optimizer
@@ -392,24 +394,31 @@ class UniPortraitModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
-        own, other = self.identity_gap(batch, generator=g)
-        bs = batch["image"].shape[0]
-        self.log_dict({"val/loss_own_id": own, "val/loss_other_id": other}, batch_size=bs, sync_dist=True)
+        own, other = self.identity_gap(batch, generator=g)  # (M,) each
+        if own.numel():
+            self.log_dict({"val/loss_own_id": own.mean(), "val/loss_other_id": other.mean()},
+                          batch_size=own.numel(), sync_dist=True)
 
     # ------------------------------------------------------------------ public probes (callbacks use these)
     @torch.no_grad()
     def identity_gap(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoising loss with each image's own identity vs. another image's identity (same noise and
-        timesteps). The identity pathway carries identity when own < other."""
-        latents = self.encode_images(batch["image"])
+        """Per-image denoising loss with the image's own identity tokens and with those of another image
+        of the batch that shares none of its identity labels (`other_identity_partners`), same noise and
+        timesteps. Returns (own, other), each (M,) over the M images that have such a partner (an image
+        of unknown identity, or a batch of one person, has none). The identity pathway carries identity
+        when own < other."""
+        partners = other_identity_partners(batch["identity"])
+        kept = [b for b, p in enumerate(partners) if p is not None]
+        latents = self.encode_images(batch["image"])  # (B, C, h, w)
         text = self.encode_text(batch["caption"])
         valid = batch["face_valid"]
-        tokens = self.batch_identity_tokens(batch)
+        tokens = self.batch_identity_tokens(batch)  # (B, N, Q, D)
         noise, t, noisy = self._sample_noise(latents, generator)
+        other = tokens[[b if p is None else p for b, p in enumerate(partners)]]  # (B, N, Q, D)
         losses = []
-        for tok in (tokens, tokens.roll(1, dims=0)):
+        for tok in (tokens, other):
             pred = self._denoise(noisy, t, text, self._context(tok, valid, latents, None))
-            losses.append(F.mse_loss(pred.float(), noise.float()))
+            losses.append((pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))[kept])  # (M,)
         return losses[0], losses[1]
 
     @torch.no_grad()

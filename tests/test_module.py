@@ -258,7 +258,10 @@ def test_wrong_checkpoint_layout_is_a_clear_error(tiny_world, tmp_path):
 
 def test_routing_report_pools_layers_and_breaks_them_down(tiny_world, capsys):
     """The end-of-stage-2 report: one group per split and face count, every routed layer listed,
-    and the pooled accuracy a position-weighted mean of the layers' (so between their extremes)."""
+    and the pooled accuracy a position-weighted mean of the layers' (so between their extremes); the
+    figures printed are the figures written to the run's report.json."""
+    import json
+    from pathlib import Path
     from types import SimpleNamespace
 
     from callbacks.routing_maps import RoutingAccuracyReport
@@ -269,9 +272,19 @@ def test_routing_report_pools_layers_and_breaks_them_down(tiny_world, capsys):
                                            "unseen": str(heldout / "multi_unseen-000000.tar")},
                                    max_batches=1, batch_size=8, band_samples=1)
     trainer = SimpleNamespace(datamodule=SimpleNamespace(resolution=64), is_global_zero=True, logger=None,
-                              global_step=0)
-    report.before, _ = report.measure(trainer, m)
+                              global_step=0, default_root_dir=".")
+    report.on_train_start(trainer, m)
     report.on_train_end(trainer, m)
+    written = json.loads(Path("report.json").read_text())["routing_accuracy"]  # what src.guard reads
+    assert written["after"] == report.after and written["before"] == report.before
+    # the picture: one row group per split, columns image | true masks | before | after
+    assert set(report.before_maps) == {"seen", "unseen"}
+    maps = report.before_maps["seen"]  # (images, slots, H, W)
+    assert maps.shape[0] == 4 and maps.shape[1] in (2, 3) and maps.shape[-2:] == (64, 64)
+    from PIL import Image
+
+    with Image.open("routing_maps.png") as picture:
+        assert picture.width > 4 * 64 * 3 and picture.height > 2 * 4 * 64 * 3
     groups = set(report.after)
     assert groups and {g.split("/")[0] for g in groups} == {"seen", "unseen"}
     assert all(g.split("/")[1] in {"2faces", "3faces"} for g in groups)
@@ -283,21 +296,21 @@ def test_routing_report_pools_layers_and_breaks_them_down(tiny_world, capsys):
         assert min(per_layer) - 1e-6 <= pooled["all"] <= max(per_layer) + 1e-6
     out = capsys.readouterr().out
     assert "per layer (t<250/all bands)" in out and "@16x16" in out
+    assert "[routing maps] routing_maps.png: image, true face masks, before training, after training" in out
 
 
 def test_routing_report_reads_the_whole_split_without_max_batches(tiny_world):
-    """max_batches=None measures every held-out image (the tiny stage-2 config's setting), and a
+    """max_batches=None reads every held-out image (the tiny stage-2 config's routing report), and a
     number stops after that many batches."""
     import json
 
-    from callbacks.routing_maps import RoutingAccuracyReport
+    from callbacks.training_report import heldout_batches
 
     pattern = str(tiny_world / "data" / "heldout" / "multi_seen-000000.tar")
     total = json.loads((tiny_world / "data" / "manifest.json").read_text())["counts"]["multi_seen"]
-    whole = RoutingAccuracyReport({}, max_batches=None, batch_size=5)
-    sizes = [b["face_valid"].shape[0] for b in whole._batches(pattern, 64)]
+    sizes = [b["face_valid"].shape[0] for b in heldout_batches(pattern, 64, 5, multi_id=True, max_batches=None)]
     assert sum(sizes) == total and len(sizes) == -(-total // 5)
-    assert len(list(RoutingAccuracyReport({}, max_batches=2, batch_size=5)._batches(pattern, 64))) == 2
+    assert len(list(heldout_batches(pattern, 64, 5, multi_id=True, max_batches=2))) == 2
 
 
 def test_feature_cache_skips_the_frozen_encoders_and_leaves_the_loss_unchanged(tiny_world):

@@ -1,9 +1,11 @@
-"""How much identity a set of embeddings carries: leave-one-out nearest-neighbour identification.
+"""How much identity a set of embeddings carries, and which image of a batch can stand in as "another person".
 
-Used on the ID embedding's tokens (`UniPortraitModule.batch_identity_tokens`), whose job is to tell people
-apart: the stage-2 router matches image positions against them, so it can route no better than they
-separate the faces (docs/benchmarks.md: after the tiny stage 1 they identify far worse than the face
-backbone they are computed from).
+- `nearest_neighbour_identification`: leave-one-out nearest-neighbour identification, used on the ID
+  embedding's tokens (`UniPortraitModule.batch_identity_tokens`), whose job is to tell people apart. It
+  measures the tokens on their own; the stage-2 router matches image positions against them, a different
+  task, so neither figure bounds the other.
+- `other_identity_partners`: for each image, another image of the batch with none of its identities
+  (the identity probe's "other identity", `UniPortraitModule.identity_gap`).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["nearest_neighbour_identification"]
+__all__ = ["nearest_neighbour_identification", "other_identity_partners"]
 
 
 def nearest_neighbour_identification(embeddings: Tensor, labels: Sequence[str]) -> float | None:
@@ -43,3 +45,21 @@ def nearest_neighbour_identification(embeddings: Tensor, labels: Sequence[str]) 
     sim.fill_diagonal_(float("-inf"))
     hit = y[sim.argmax(1)] == y  # (M,)
     return float(hit[queried].double().mean())
+
+
+def other_identity_partners(identities: Sequence[Sequence[str | None]]) -> list[int | None]:
+    """For each image, the next image of the batch (cyclically) that shares none of its identity labels.
+
+    Args:
+        identities: B lists of identity labels, one per face slot (None: padding or an unknown identity).
+    Returns:
+        B indices, or None for an image with no known identity or with no such partner in the batch
+        (e.g. a batch of one person). Unlike `roll(1)`, a partner is never the same person.
+    """
+    names = [{n for n in ids if n is not None} for ids in identities]
+    b = len(names)
+    partners: list[int | None] = []
+    for i, own in enumerate(names):
+        later = ((i + k) % b for k in range(1, b))
+        partners.append(next((j for j in later if names[j] and not own & names[j]), None) if own else None)
+    return partners
