@@ -13,7 +13,7 @@ TINY_THREADS ?= 2
 # what .ci/run does to keep CI inside its time limit); empty for the README's full run.
 TRAIN_ARGS ?=
 
-.PHONY: install tiny demo train-tiny train-tiny-stage2 test test-slow test-all bench eval clean
+.PHONY: install tiny demo train-tiny train-tiny-stage2 guard test test-slow test-all bench eval clean
 
 install: $(VENV)/.installed  ## create .venv and install the project with pinned versions
 
@@ -33,6 +33,10 @@ train-tiny-stage2: tiny  ## stage 2 from stage 1's last.ckpt (routing accuracy p
 	$(PY) -m src.train fit --config configs/tiny/stage2.yaml $(TRAIN_ARGS)
 
 demo: train-tiny train-tiny-stage2  ## the main job: both stages on the embedded default
+
+guard: tiny  ## after `make demo`: stage 2 without the routing loss (the control), then every learning figure against its threshold
+	$(PY) -m src.guard control $(TRAIN_ARGS)
+	$(PY) -m src.guard check
 
 test: install  ## fast test suite (slow tests excluded)
 	$(PY) -m pytest -q -m "not slow"
