@@ -7,6 +7,8 @@
 - `RunHealthReport`: counts samples skipped as bad data (the loader's per-batch `skipped`) and steps
   skipped for a non-finite loss (the module's `nonfinite_total`), keeps the totals in checkpoints, and
   prints a summary when training ends or stops on an exception.
+- `RunSettings`: keeps the settings a run was started with in every checkpoint it writes, so that a later
+  run can tell whether a checkpoint it finds is its own (`src/train.py` compares them before resuming).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import csv
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import numpy as np
@@ -139,3 +141,69 @@ class RunHealthReport(L.Callback):
         self.skipped_samples = int(state_dict.get("skipped_samples", 0))
         self.batches = int(state_dict.get("batches", 0))
         self._restored_nonfinite = int(state_dict.get("nonfinite_steps", 0))
+
+
+RUN_SETTINGS_KEY = "run_settings"
+NOT_SET = "<not set>"  # a setting one side has and the other lacks
+
+
+class RunSettings(L.Callback):
+    """Store the settings a run was started with in every checkpoint it writes.
+
+    `settings` maps dotted keys ("model.lr", "data.batch_size", "seed_everything", ...) to plain values
+    (strings, numbers, booleans, None, lists, dicts: checkpoints load with `weights_only=True`). They go to
+    `checkpoint["run_settings"] = {"format": 1, "settings": {...}}`, the current run's settings also when it
+    resumed from a checkpoint written with other ones. A checkpoint saved by a fast_dev_run, or while the run
+    was still restoring another one (the on-exception checkpoint of a resume that failed before its first step:
+    weights restored, optimizer not yet), stores `settings: None` and a `note`, so no later run resumes it as
+    a match.
+    `src.train.UniPortraitCLI` attaches this callback to every `fit`; configs do not list it.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = dict(settings)
+        self._training = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._training = True
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        note = None
+        if trainer.fast_dev_run:
+            note = "it was written by a fast_dev_run"
+        elif not self._training and trainer.ckpt_path:
+            note = f"it was written while restoring {trainer.ckpt_path}, before training started"
+        if note:
+            checkpoint[RUN_SETTINGS_KEY] = {"format": 1, "settings": None, "note": note}
+        else:
+            checkpoint[RUN_SETTINGS_KEY] = {"format": 1, "settings": dict(self.settings)}
+
+
+def read_run_settings(path: str | Path) -> Optional[dict[str, Any]]:
+    """The `run_settings` entry of a checkpoint file (None if it has none); weights-only, memory-mapped load
+    (the tensors are not read). An unreadable file raises ValueError naming `path`."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001  (any failure: name the file)
+        raise ValueError(f"cannot read checkpoint '{path}' (weights-only load): {str(e).splitlines()[0]}") from e
+    entry = checkpoint.get(RUN_SETTINGS_KEY) if isinstance(checkpoint, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal values, recursively; numbers by value (1 == 1.0), anything else only with the same type
+    (True is not 1, "1" is not 1)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def settings_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, current value) for every key whose values differ; `NOT_SET` where one side lacks it."""
+    return [(k, stored.get(k, NOT_SET), current.get(k, NOT_SET)) for k in sorted(set(stored) | set(current))
+            if not same_value(stored.get(k, NOT_SET), current.get(k, NOT_SET))]

@@ -3,6 +3,10 @@
 A thin LightningCLI. Stage configs hold only what differs from the config they name in
 `inherits:` (a path relative to the file); the chain is merged (OmegaConf: mappings merge, lists
 are replaced) before jsonargparse validates the result against the typed signatures.
+
+Resuming is explicit or safe (`src.resume`): `fit` stores the run's settings in every checkpoint; a run
+started without `--ckpt_path` resumes from the checkpoint Lightning finds by itself only when that
+checkpoint holds the same settings, and stops before training otherwise.
 """
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ import yaml
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
+
+from callbacks.reliability import RunSettings
+from src.resume import (ResumeSettingsError, choose_resume, model_settings, run_settings,
+                        warn_replaced_model_settings)
 
 INHERITS = "inherits"
 
@@ -65,10 +73,12 @@ def expand_config_args(args: list[str], tmpdir: str) -> list[str]:
 
 
 class UniPortraitCLI(LightningCLI):
-    """LightningCLI plus `torch_threads`: intra-op CPU threads of the training process.
+    """LightningCLI plus `torch_threads` (intra-op CPU threads of the training process) and safe resuming.
 
     The Makefile runs every process with OMP_NUM_THREADS=1 (the DataLoader workers and test
     subprocesses share two cores); a config may give the training process itself more threads.
+    `fit` attaches `RunSettings` (the run's settings in every checkpoint) and resumes without `--ckpt_path`
+    only from a checkpoint written with the same settings (`choose_resume`).
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -83,6 +93,22 @@ class UniPortraitCLI(LightningCLI):
             torch.set_num_threads(threads)
             logging.getLogger(__name__).info("torch_threads: %d intra-op CPU thread(s)", torch.get_num_threads())
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's own step: with `--ckpt_path FILE`, the model section of the config is replaced by the
+        checkpoint's hyperparameters. Say which given model settings that replaced."""
+        sub = self.config.get("subcommand")
+        given = model_settings(self.config[sub]) if sub else {}
+        super()._parse_ckpt_path()
+        if sub:
+            warn_replaced_model_settings(self.config[sub].get("ckpt_path"), given, model_settings(self.config[sub]))
+
+    def before_fit(self) -> None:
+        """Store the run's settings in its checkpoints; decide from which checkpoint, if any, to resume."""
+        config = self.config["fit"]
+        settings = run_settings(config, self.trainer)
+        self.trainer.callbacks.insert(0, RunSettings(settings))
+        self.config_init["fit"]["ckpt_path"] = choose_resume(self.trainer, config.get("ckpt_path"), settings)
+
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Run the CLI (tests call `main([...])` with the same arguments a user types)."""
@@ -95,6 +121,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args = args[1:]  # run=False builds the classes without a subcommand
     # We always hand LightningCLI the (config-expanded) arguments, also when they came from sys.argv.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # Lightning's note on resuming without --ckpt_path; `choose_resume` logs what happens instead.
+    warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")
     with tempfile.TemporaryDirectory(prefix="uniportrait-cfg-") as tmp:
         return UniPortraitCLI(
             UniPortraitModule,
@@ -107,4 +135,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ResumeSettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
