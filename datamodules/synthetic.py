@@ -360,7 +360,7 @@ def face_width_range(n: int) -> tuple[float, float]:
     One face: 0.40-0.62. Several: the upper end falls as ``0.62 * n**-0.4`` (2 faces 0.31-0.47, 3 faces
     0.26-0.40), slower than ``1/n`` because a group photo's faces share the image in two dimensions. The size is
     what the router sees of a face: with :func:`place_faces`, 3-face images' faces are ~17 px wide at 64 px, ~4
-    cells of the tiny VAE's 16x16 latent (docs/benchmarks.md, session 10).
+    cells of the tiny VAE's 16x16 latent.
     """
     hi = 0.62 * n ** -0.4
     return 0.65 * hi, hi

@@ -219,9 +219,8 @@ class FaceIDAttnProcessor(nn.Module):
         identity's T keys; the routing weights scale each identity's attention probabilities, so a
         second matmul with the N*T values gives the weighted sum directly:
             sum_n w_n sum_t softmax_t(q.k_nt / sqrt(d)) v_nt .
-        Equal to N separate scaled-dot-product attentions (`tests/models/test_faceid_attention.py`), and
-        on the CPU at small head dims ~2x faster, forward + backward, than folding N into the batch of
-        `F.scaled_dot_product_attention` (docs/benchmarks.md).
+        Equal to N separate scaled-dot-product attentions (`tests/models/test_faceid_attention.py`), with
+        two matmuls in all instead of N attentions or a batch N times larger.
         """
         bsz, heads, seq_len, head_dim = query.shape
         tokens = ctx.tokens.to(device=query.device, dtype=query.dtype)  # (B, N, T, D)
