@@ -5,9 +5,10 @@
 
 `make guard` runs both after `make demo` (CI runs it on the shortened demo). `check` reads the
 `report.json` each training run writes (`callbacks.training_report.write_report`) and requires:
-  1. stage 1: on held-out images of the training identities, the identity gap (denoising loss with
-     another person's identity tokens minus with the image's own, paired per image, several noise
-     draws) is positive by at least `--min-gap-se` standard errors;
+  1. stage 1: on held-out images of the training identities (seen) and of people never trained on
+     (unseen), the identity gap (denoising loss with another person's identity tokens minus with the
+     image's own, paired per image, several noise draws) is positive by at least `--min-gap-se`
+     standard errors;
   2. stage 2: in the t<250 band, routing accuracy inside faces beats chance (1 / number of faces) by
      at least `--min-routing-margin` in every group (seen / unseen identities x 2 / 3 faces);
   3. the control (stage 2 trained without the routing loss) stays within `--max-control-deviation`
@@ -94,10 +95,10 @@ def routing_figures(path: Path, what: str, margin: float | None = None, deviatio
     return out
 
 
-def check(runs: Path, control: str, seen_split: str, min_gap_se: float, min_routing_margin: float,
+def check(runs: Path, control: str, splits: list[str], min_gap_se: float, min_routing_margin: float,
           max_control_deviation: float) -> list[Figure]:
     """Every guarded figure of `runs` (a folder with stage1/, stage2/ and the control's report.json)."""
-    return (identity_figures(runs / "stage1" / "report.json", seen_split, min_gap_se)
+    return ([f for split in splits for f in identity_figures(runs / "stage1" / "report.json", split, min_gap_se)]
             + routing_figures(runs / "stage2" / "report.json", "stage 2", margin=min_routing_margin)
             + routing_figures(runs / control / "report.json", "control (lambda = 0)", deviation=max_control_deviation))
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("check", help="check the figures of the runs' report.json files against the thresholds")
     k.add_argument("--runs", type=Path, default=Path("runs/tiny"), help="folder with stage1/ stage2/ and the control")
     k.add_argument("--control", default=CONTROL_NAME)
-    k.add_argument("--seen-split", default="seen", help="identity-probe split whose gap is guarded")
+    k.add_argument("--splits", nargs="+", default=["seen", "unseen"], help="identity-probe splits whose gap is guarded")
     k.add_argument("--min-gap-se", type=float, default=3.0)
     k.add_argument("--min-routing-margin", type=float, default=0.15)
     k.add_argument("--max-control-deviation", type=float, default=0.08)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest:
         p.error(f"unrecognised arguments: {' '.join(rest)}")
-    figures = check(a.runs, a.control, a.seen_split, a.min_gap_se, a.min_routing_margin, a.max_control_deviation)
+    figures = check(a.runs, a.control, a.splits, a.min_gap_se, a.min_routing_margin, a.max_control_deviation)
     for f in figures:
         print(f.line(), flush=True)
     failed = [f for f in figures if not f.passed]

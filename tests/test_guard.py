@@ -19,8 +19,8 @@ def _routing(acc2: float, acc3: float) -> dict:
 
 
 def _write(runs: Path, gap: float, se: float, routed: tuple[float, float], control: tuple[float, float]) -> None:
-    probe = {"after": {"seen": {"images": 200, "draws": 4, "own": 0.08, "other": 0.08 + gap, "gap": gap,
-                                "gap_se": se, "token_nn": 0.1}}}
+    probe = {"after": {split: {"images": 200, "draws": 4, "own": 0.08, "other": 0.08 + gap, "gap": gap,
+                               "gap_se": se, "token_nn": 0.1} for split in ("seen", "unseen")}}
     for name, report in (("stage1", {"identity_probe": probe}), ("stage2", {"routing_accuracy": _routing(*routed)}),
                          ("stage2_lambda0", {"routing_accuracy": _routing(*control)})):
         (runs / name).mkdir(parents=True, exist_ok=True)
@@ -31,13 +31,13 @@ def test_guard_passes_learned_runs_and_names_each_figure_that_misses(tmp_path, c
     _write(tmp_path, gap=8e-4, se=1e-4, routed=(0.83, 0.66), control=(0.50, 0.33))
     assert guard.main(["check", "--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("[guard] ok") == 1 + 4 + 4 and "other bands: 250<=t<500 0.830" in out
+    assert out.count("[guard] ok") == 2 + 4 + 4 and "other bands: 250<=t<500 0.830" in out
 
     # no identity (gap within noise), a router at chance, and a control that routes as if trained
     _write(tmp_path, gap=1e-4, se=1e-4, routed=(0.55, 0.40), control=(0.83, 0.66))
     assert guard.main(["check", "--runs", str(tmp_path)]) == 1
     captured = capsys.readouterr()
-    assert captured.out.count("[guard] FAIL") == 1 + 4 + 4
+    assert captured.out.count("[guard] FAIL") == 2 + 4 + 4
     assert "stage 1 identity gap, seen identities, in standard errors" in captured.err
     assert "required >= 3" in captured.err and "control (lambda = 0) routing accuracy t<250, unseen/3faces" in captured.err
     assert "required in [0.253, 0.413]" in captured.err
