@@ -68,9 +68,37 @@ def test_wrong_type_is_rejected(tiny_world, capsys):
     assert "lora_rank" in capsys.readouterr().err
 
 
-def test_fast_dev_run_stage1_through_the_cli(tiny_world, tmp_path):
-    main(["fit", f"--config={CONFIGS / 'tiny' / 'stage1.yaml'}", *tiny_args(tiny_world), *SMALL_MODEL,
-          "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}"])
+def test_fast_dev_run_stage1_through_the_cli(tiny_world, tmp_path, monkeypatch):
+    """fast_dev_run=2 takes exactly two optimizer steps on a finite loss; they move every stage-1 trainable
+    parameter (ID embedding, face-ID projections, single-ID LoRA) and nothing else: the VAE, text encoder,
+    face backbone, CLIP tower and base UNet weights (and their buffers) stay bit-identical."""
+    from src.models import adapters
+    from src.module import SINGLE, UniPortraitModule
+
+    start: dict[str, torch.Tensor] = {}
+
+    def snapshot(module: UniPortraitModule) -> None:  # the weights right before the first step
+        start.update({n: t.detach().clone() for n, t in [*module.named_parameters(), *module.named_buffers()]})
+
+    monkeypatch.setattr(UniPortraitModule, "on_train_start", snapshot)
+    cli = main(["fit", f"--config={CONFIGS / 'tiny' / 'stage1.yaml'}", *tiny_args(tiny_world), *SMALL_MODEL,
+                "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}"])
+    module = cli.model
+    assert cli.trainer.global_step == 2
+    loss = cli.trainer.callback_metrics["train/loss"]
+    assert torch.isfinite(loss) and loss > 0
+    assert module.nonfinite_total == 0  # no step was skipped
+
+    unet_trainable = {**adapters.faceid_parameters(module.unet), **adapters.lora_parameters(module.unet, SINGLE)}
+    trainable = {id(p) for p in [*module.identity.embedding.parameters(), *unet_trainable.values()]}
+    assert any(".lora_B." in n for n in unet_trainable) and any("faceid" in n for n in unet_trainable)
+    now = dict([*module.named_parameters(), *module.named_buffers()])
+    assert set(now) == set(start)
+    moved = {n for n, t in now.items() if not torch.equal(t.detach(), start[n])}
+    expected = {n for n, p in module.named_parameters() if id(p) in trainable}
+    assert moved == expected, (sorted(moved - expected)[:5], sorted(expected - moved)[:5])
+    frozen_prefixes = ("vae.", "text_encoder.", "identity.face.", "identity.clip.")
+    assert {n for n in now if n.startswith(frozen_prefixes)} and not {n for n in moved if n.startswith(frozen_prefixes)}
 
 
 def test_resume_from_last_ckpt_continues_the_step_count(tiny_world, tmp_path):

@@ -1,4 +1,5 @@
-"""IdentityMetrics in a short fit (stage 1 and stage 2), and the module's sample_images contract."""
+"""IdentityMetrics in a short fit (stage 1 and stage 2), that it scores each image against its own sample's
+references, and the module's sample_images contract."""
 from __future__ import annotations
 
 import json
@@ -80,3 +81,35 @@ def test_sample_images_contract(tiny_world):
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert module.training and module.identity.embedding.training
     assert adapters.lora_names(module.unet) == ["single_id"]
+
+
+def test_face_sim_scores_each_image_against_its_own_references(tiny_world, monkeypatch):
+    """measure() scores each sample's image against that sample's own reference crops: "generations" that
+    show each sample's own person (its real image) score a higher Face Sim and CLIP-I than the same images
+    handed to the wrong samples (rolled by one, so every image shows another person)."""
+    from callbacks.id_metrics import IdentityMetrics
+    from datamodules.datamodule import FaceShardDataModule
+    from src.module import QFormerSpec, UniPortraitModule
+    from src.tiny import tiny_components
+
+    torch.manual_seed(0)
+    module = UniPortraitModule(tiny_components(tiny_world), lora_rank=4,
+                               qformer=QFormerSpec(depth=1, num_queries=16, width=64, heads=4, dim_head=16))
+    shard = str(tiny_world / "data/heldout/single_seen-000000.tar")
+    dm = FaceShardDataModule(train_shards=shard, val_shards=shard, resolution=64, batch_size=4, num_workers=0,
+                             shuffle_buffer=0)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    people = [names[0] for names in batch["identity"]]
+    assert all(a != b for a, b in zip(people, people[1:] + people[:1]))  # rolling by one changes every person
+    cb = IdentityMetrics(num_images=4, num_inference_steps=2, calibration_renders=2)
+
+    def measure_with(images: torch.Tensor) -> dict[str, float]:
+        monkeypatch.setattr(module, "sample_images", lambda *a, **k: {"images": images})
+        return cb.measure(module, batch)
+
+    own = measure_with(batch["image"])
+    wrong = measure_with(batch["image"].roll(1, dims=0))
+    assert own["val_id/no_face_rate"] < 1.0  # faces were found, so Face Sim compared embeddings
+    assert own["val_id/face_sim"] > wrong["val_id/face_sim"]
+    assert own["val_id/clip_i_own_tower"] > wrong["val_id/clip_i_own_tower"]

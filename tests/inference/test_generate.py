@@ -11,6 +11,8 @@ import yaml
 from PIL import Image
 
 from src import generate
+from src.conventions import uint8_to_unit
+from src.faces import load_rgb
 from src.models import presets
 from tests.inference.helpers import one_thread, random_crops, tiny_embedding_for, write_released, write_tiny_world  # noqa: F401 (fixture)
 
@@ -76,11 +78,33 @@ def test_two_identities_end_to_end_with_routing_maps(world: dict, tmp_path: Path
     assert str(images[0]) in printed
 
 
-def test_single_identity_with_several_reference_crops_and_base_model_override(world: dict, tmp_path: Path) -> None:
-    out = tmp_path / "single"
+def test_single_identity_with_several_reference_crops_and_base_model_override(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--face-crop a.png,b.png` is one identity with two references: the identity encoder gets both crops,
+    in order, in one call (R = 2: one Q-Former run over both crops' tokens), and the image (same seed)
+    differs from the image of either crop alone."""
+    from src.models.identity_encoder import IdentityEncoder
+
+    calls: list[torch.Tensor] = []
+    encode = IdentityEncoder.forward
+
+    def spy(self, recog: torch.Tensor, clip_crop: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        calls.append(recog.detach().clone())
+        return encode(self, recog, clip_crop, *args, **kwargs)
+
+    monkeypatch.setattr(IdentityEncoder, "forward", spy)
     crops = ",".join(str(p) for p in world["crops"])
-    generate.main(_base_args(world, out) + ["--face-crop", crops, "--base-model", str(world["root"] / "base")])
-    assert (out / "image_00.png").is_file()
+    images = {}
+    for name, spec in (("both", crops), ("first", str(world["crops"][0])), ("second", str(world["crops"][1]))):
+        out = tmp_path / name
+        generate.main(_base_args(world, out) + ["--face-crop", spec, "--base-model", str(world["root"] / "base")])
+        images[name] = np.asarray(Image.open(out / "image_00.png"))
+    assert [tuple(c.shape[:2]) for c in calls] == [(1, 2), (1, 1), (1, 1)]  # one identity: 2, 1, 1 references
+    pixels = [uint8_to_unit(load_rgb(p)) for p in world["crops"]]
+    assert torch.equal(calls[0][0, 0], pixels[0]) and torch.equal(calls[0][0, 1], pixels[1])
+    assert not np.array_equal(images["both"], images["first"])
+    assert not np.array_equal(images["both"], images["second"])
 
 
 def test_masks_must_match_identities(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
