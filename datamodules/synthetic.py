@@ -40,8 +40,10 @@ import argparse
 import colorsys
 import json
 import math
+import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -469,10 +471,10 @@ def caption_for(rng: np.random.Generator, n_faces: int, background: str) -> str:
 
 
 class FaceCache:
-    """Canonical renders per (identity, px), built on first use (local to one generator run)."""
+    """Canonical renders per (identity, px), built on first use (local to one generator run or worker)."""
 
-    def __init__(self) -> None:
-        self._faces: dict[tuple[int, int], tuple[IdentityParams, CanonicalFace]] = {}
+    def __init__(self, faces: dict[tuple[int, int], tuple[IdentityParams, CanonicalFace]] | None = None) -> None:
+        self._faces: dict[tuple[int, int], tuple[IdentityParams, CanonicalFace]] = dict(faces or {})
 
     def get(self, k: int, px: int) -> tuple[IdentityParams, CanonicalFace]:
         if (k, px) not in self._faces:
@@ -571,6 +573,9 @@ class SyntheticConfig:
     crop_scale: int = 4  # aligned crops cut from the scene rendered at this multiple of `size` (render_sample)
     jpeg_quality: int = 95
     progress: bool = True
+    # Processes rendering shards (1: this process). Every sample depends only on (seed, split, index) and
+    # its identities, so the shards are the same bytes whatever the count (a test checks it).
+    workers: int = 1
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent option."""
@@ -588,6 +593,8 @@ class SyntheticConfig:
             raise ValueError(f"crop_scale={self.crop_scale} must be >= 1 (1 cuts the crops from the image itself)")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard={self.samples_per_shard} must be >= 1")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -628,13 +635,16 @@ def _identity_lists(rng: np.random.Generator, spec: SplitSpec, max_faces: int) -
     ]
 
 
-def iter_split(spec: SplitSpec, cfg: SyntheticConfig, cache: FaceCache) -> Iterator[Sample]:
-    """Samples of one split; sample i depends only on (seed, split, i) and its identities."""
+def iter_split(
+    spec: SplitSpec, cfg: SyntheticConfig, cache: FaceCache, start: int = 0, stop: int | None = None
+) -> Iterator[Sample]:
+    """Samples start..stop-1 of one split; sample i depends only on (seed, split, i) and its identities."""
     split_code = SPLITS.index(spec.name)
     identity_lists = _identity_lists(np.random.default_rng([cfg.seed, split_code]), spec, cfg.max_faces)
-    for i, ids in enumerate(identity_lists):
+    for i in range(start, len(identity_lists) if stop is None else min(stop, len(identity_lists))):
         rng = np.random.default_rng([cfg.seed, split_code, i, 1])
-        yield render_sample(rng, ids, cfg.size, cfg.clip_size, f"{spec.prefix}_{i:07d}", cache, cfg.crop_scale)
+        yield render_sample(rng, identity_lists[i], cfg.size, cfg.clip_size, f"{spec.prefix}_{i:07d}", cache,
+                            cfg.crop_scale)
 
 
 def shard_pattern(prefix: str, n_shards: int) -> str:
@@ -644,26 +654,83 @@ def shard_pattern(prefix: str, n_shards: int) -> str:
     return f"{prefix}-{{000000..{n_shards - 1:06d}}}.tar"
 
 
-def _write_split(
-    spec: SplitSpec, cfg: SyntheticConfig, out: Path, cache: FaceCache, bar: tqdm | None
-) -> dict[str, object]:
-    """Write one split's shards (each through a temporary name, renamed when complete)."""
+def _n_shards(spec: SplitSpec, cfg: SyntheticConfig) -> int:
+    return -(-spec.count // cfg.samples_per_shard) if spec.count else 0
+
+
+def _write_shard(spec: SplitSpec, shard: int, cfg: SyntheticConfig, out: Path, cache: FaceCache) -> int:
+    """Write shard `shard` of a split through a temporary name, renamed when complete; returns its sample count."""
     folder = out / spec.folder
     folder.mkdir(parents=True, exist_ok=True)
-    n_shards = -(-spec.count // cfg.samples_per_shard) if spec.count else 0
-    samples = iter_split(spec, cfg, cache)
-    for s in range(n_shards):
-        final = folder / f"{spec.prefix}-{s:06d}.tar"
-        tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)  # fixed mtime: reproducible tar bytes
-            for _ in range(min(cfg.samples_per_shard, spec.count - s * cfg.samples_per_shard)):
-                writer.write(encode_sample(next(samples), jpeg_quality=cfg.jpeg_quality))
-                if bar is not None:
-                    bar.update(1)
-            writer.close()
-        os.replace(tmp, final)
+    final = folder / f"{spec.prefix}-{shard:06d}.tar"
+    tmp = final.with_name(final.name + ".tmp")
+    start = shard * cfg.samples_per_shard
+    n = 0
+    with open(tmp, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=0.0)  # fixed mtime: reproducible tar bytes
+        for sample in iter_split(spec, cfg, cache, start, start + cfg.samples_per_shard):
+            writer.write(encode_sample(sample, jpeg_quality=cfg.jpeg_quality))
+            n += 1
+        writer.close()
+    os.replace(tmp, final)
+    return n
+
+
+# Worker-process state: the canonical renders, sent once per worker (not once per shard).
+_WORKER_CACHE = FaceCache()
+
+
+def _init_worker(faces: dict[tuple[int, int], tuple[IdentityParams, CanonicalFace]]) -> None:
+    global _WORKER_CACHE
+    _WORKER_CACHE = FaceCache(faces)
+
+
+def _write_shard_in_worker(spec: SplitSpec, shard: int, cfg: SyntheticConfig, out: Path) -> int:
+    return _write_shard(spec, shard, cfg, out, _WORKER_CACHE)
+
+
+def _canonical_pair(k: int, pxs: tuple[int, ...]) -> dict[tuple[int, int], tuple[IdentityParams, CanonicalFace]]:
+    ip = identity_params(k)
+    return {(k, px): (ip, render_canonical(ip, px)) for px in pxs}
+
+
+def _pool(workers: int, **kwargs) -> ProcessPoolExecutor:
+    # spawn: the parent may already run torch's thread pool, which a forked child must not inherit
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), **kwargs)
+
+
+def _write_splits(specs: list[SplitSpec], cfg: SyntheticConfig, out: Path, bar: tqdm | None) -> None:
+    """Every shard of every split: in this process (workers == 1), or over `cfg.workers` processes that first
+    draw every identity's canonical faces between them."""
+    jobs = [(spec, shard) for spec in specs for shard in range(_n_shards(spec, cfg))]
+    if cfg.workers == 1:
+        cache = FaceCache()
+        for spec, shard in jobs:
+            n = _write_shard(spec, shard, cfg, out, cache)
+            if bar is not None:
+                bar.update(n)
+        return
+    pxs = tuple(sorted({canonical_px(cfg.size), canonical_px(cfg.size * cfg.crop_scale)}))
+    ids = sorted({k for spec in specs if spec.count for k in spec.ids})
+    faces: dict[tuple[int, int], tuple[IdentityParams, CanonicalFace]] = {}
+    with _pool(cfg.workers) as ex:
+        for part in ex.map(_canonical_pair, ids, [pxs] * len(ids), chunksize=max(1, len(ids) // (4 * cfg.workers))):
+            faces.update(part)
+    with _pool(cfg.workers, initializer=_init_worker, initargs=(faces,)) as ex:
+        # the largest shards first, so the last ones to finish are short
+        futures = [ex.submit(_write_shard_in_worker, spec, shard, cfg, out)
+                   for spec, shard in sorted(jobs, key=lambda j: -j[0].multi)]
+        for fut in as_completed(futures):
+            n = fut.result()
+            if bar is not None:
+                bar.update(n)
+
+
+def _split_entry(spec: SplitSpec, cfg: SyntheticConfig, out: Path) -> dict[str, object]:
+    n_shards = _n_shards(spec, cfg)
     pattern = f"{spec.folder}/{shard_pattern(spec.prefix, n_shards)}" if n_shards else None
+    if not n_shards:
+        (out / spec.folder).mkdir(parents=True, exist_ok=True)
     return {
         "count": spec.count, "shards": n_shards, "pattern": pattern,
         "path_pattern": str(out / pattern) if pattern else None,
@@ -677,16 +744,16 @@ def generate(out: Path, cfg: SyntheticConfig) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = split_specs(cfg)
-    cache = FaceCache()
     total = sum(s.count for s in specs)
     bar = tqdm(total=total, desc="synthetic faces", unit="img", disable=not cfg.progress)
-    splits = {spec.name: _write_split(spec, cfg, out, cache, bar) for spec in specs}
+    _write_splits(specs, cfg, out, bar)
     bar.close()
+    splits = {spec.name: _split_entry(spec, cfg, out) for spec in specs}
     manifest = {
         "schema": SCHEMA_VERSION,
         "generator": "datamodules.synthetic",
         "seed": cfg.seed,
-        "options": asdict(cfg),
+        "options": {k: v for k, v in asdict(cfg).items() if k != "workers"},  # same bytes whatever the count
         "identities": {
             "train": [identity_label(k) for k in range(cfg.identities)],
             "unseen": [identity_label(k) for k in range(cfg.identities, cfg.identities + cfg.unseen)],
@@ -699,23 +766,31 @@ def generate(out: Path, cfg: SyntheticConfig) -> dict:
 
 
 def render_identity_crops(
-    identity_ids: Sequence[int], n_per_id: int, seed: int = 0, size: int = 64, crop_scale: int = 4
+    identity_ids: Sequence[int], n_per_id: int, seed: int = 0, size: int = 64, crop_scale: int = 4, workers: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """Aligned recognition crops of new single-face renders, for pretraining the tiny face backbone.
 
     Returns crops uint8 (M, 112, 112, 3) with M = len(identity_ids) * n_per_id, ordered identity-major, and
     labels int64 (M,) holding the identity index k of ``syn_<k>`` (the class index when ids == range(C)).
     Images are drawn like the dataset's (same nuisance) at `size` px, the crops cut like the dataset's (from the
-    scene at `crop_scale` x `size`, see `render_sample`).
+    scene at `crop_scale` x `size`, see `render_sample`). Crop (k, j) depends only on (seed, k, j): `workers`
+    processes, each drawing a contiguous run of identities, return the same arrays as one.
     """
+    ids = [int(k) for k in identity_ids]
+    if workers > 1 and len(ids) > 1:
+        chunks = [c.tolist() for c in np.array_split(np.asarray(ids), min(workers, len(ids)))]
+        with _pool(len(chunks)) as ex:
+            parts = list(ex.map(render_identity_crops, chunks, [n_per_id] * len(chunks), [seed] * len(chunks),
+                                [size] * len(chunks), [crop_scale] * len(chunks)))
+        return np.concatenate([c for c, _ in parts]), np.concatenate([lb for _, lb in parts])
     cache = FaceCache()
     crops, labels = [], []
-    for k in identity_ids:
+    for k in ids:
         for j in range(n_per_id):
-            rng = np.random.default_rng([seed, 1000, int(k), j])
-            s = render_sample(rng, [int(k)], size, FACE_RECOG_SIZE, f"crop_{k}_{j}", cache, crop_scale)
+            rng = np.random.default_rng([seed, 1000, k, j])
+            s = render_sample(rng, [k], size, FACE_RECOG_SIZE, f"crop_{k}_{j}", cache, crop_scale)
             crops.append(s.recog[0])
-            labels.append(int(k))
+            labels.append(k)
     empty = np.zeros((0, FACE_RECOG_SIZE, FACE_RECOG_SIZE, 3), np.uint8)
     return (np.stack(crops) if crops else empty), np.asarray(labels, dtype=np.int64)
 
@@ -740,6 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut the aligned crops from the scene rendered at this multiple of --size (1: from the image)")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes rendering shards (default: one per core); the output is the same bytes")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -749,7 +826,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = SyntheticConfig(
         size=a.size, identities=a.identities, unseen=a.unseen, single=a.single, multi=a.multi, heldout=a.heldout,
         max_faces=a.max_faces, samples_per_shard=a.samples_per_shard, seed=a.seed, clip_size=a.clip_size,
-        crop_scale=a.crop_scale, jpeg_quality=a.jpeg_quality, progress=not a.no_progress,
+        crop_scale=a.crop_scale, jpeg_quality=a.jpeg_quality, progress=not a.no_progress, workers=a.workers,
     )
     manifest = generate(a.out, cfg)
     for name, s in manifest["splits"].items():

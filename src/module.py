@@ -19,7 +19,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
 
 from src.conventions import vae_latents
 from src.metrics.identity import other_identity_partners

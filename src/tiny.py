@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -135,7 +136,12 @@ def tiny_components(root: Path) -> presets.ComponentPaths:
 
 def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_steps: int = 600,
           unet_steps: int = 400, face_steps: int = 120, pretrain_images: int = 2000,
-          face_pooled_weight: float = 0.0) -> dict:
+          face_pooled_weight: float = 0.0, workers: int = 1) -> dict:
+    """Write the world under `out` (each step skipped when its output exists); returns tiny_report.json's dict.
+
+    `workers` processes render the synthetic images (the same bytes whatever the count); the pretraining
+    runs in this process on torch's threads.
+    """
     out.mkdir(parents=True, exist_ok=True)
     report_file = out / "tiny_report.json"
     # Steps whose output exists are skipped: keep what the runs that made them reported.
@@ -144,7 +150,7 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
     t0 = time.time()
     data_dir = out / "data"
     if not (data_dir / "manifest.json").exists():
-        cfg = data or SyntheticConfig(seed=seed)
+        cfg = data or SyntheticConfig(seed=seed, workers=workers)
         generate(data_dir, cfg)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     report["data"] = manifest["counts"]
@@ -154,8 +160,8 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
         torch.manual_seed(seed)
         face = IRBackbone(18, presets.TINY_FACE_WIDTHS, presets.TINY_FACE_EMBEDDING)
         train_ids = list(range(len(manifest["identities"]["train"])))
-        crops, labels = render_identity_crops(train_ids, n_per_id=24, seed=seed + 1)
-        held, held_labels = render_identity_crops(train_ids, n_per_id=4, seed=seed + 2)
+        crops, labels = render_identity_crops(train_ids, n_per_id=24, seed=seed + 1, workers=workers)
+        held, held_labels = render_identity_crops(train_ids, n_per_id=4, seed=seed + 2, workers=workers)
         x = uint8_to_unit(crops)
         held_x, held_y = uint8_to_unit(held), torch.as_tensor(held_labels)
         before = evaluate_verification(face, held_x, held_y)
@@ -207,6 +213,50 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
     return report
 
 
+@torch.no_grad()
+def measure_quality(root: Path, images: int = 200, timesteps: int = 8, seed: int = 0) -> dict:
+    """Held-out quality of the pretrained parts of the world at `root` (what a change to `build` must keep).
+
+    On the first `images` images of the single_seen and single_unseen splits (never trained on):
+    the VAE's reconstruction MSE (posterior mode, pixels in [-1, 1]); the UNet's epsilon-prediction MSE
+    with the images' captions, averaged over `timesteps` evenly spaced t in [0, 1000) with noise drawn
+    from `seed` (the same noise for every world, so two worlds are compared on the same draws); and the
+    face backbone's leave-one-out nearest-centroid identification accuracy on new renders of the 64
+    training identities (4 each, the draws `build` reports as "after") and of the 16 unseen ones (8 each).
+    """
+    comps = tiny_components(root).build()
+    vae, unet, text_encoder, tokenizer, scheduler = (comps.vae, comps.unet, comps.text_encoder, comps.tokenizer,
+                                                     comps.scheduler)
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    out: dict = {"images": images, "timesteps": timesteps, "seed": seed}
+    ts = torch.linspace(0, scheduler.config.num_train_timesteps - 1, timesteps + 2)[1:-1].round().long()
+    for split in ("single_seen", "single_unseen"):
+        x, captions = _load_images(manifest["splits"][split]["path_pattern"], images)  # (N, 3, H, W)
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        g = torch.Generator().manual_seed(seed)
+        rec_err, eps_err = [], []
+        for i in range(0, len(x), 50):
+            xb = x[i : i + 50]
+            lat = vae.encode(xb).latent_dist.mode()  # (b, 4, H/4, W/4)
+            rec_err.append(F.mse_loss(vae.decode(lat).sample, xb, reduction="none").mean((1, 2, 3)))
+            lat = lat * vae.config.scaling_factor
+            text = text_encoder(ids[i : i + 50])[0]
+            for t in ts:
+                noise = torch.randn(lat.shape, generator=g)
+                tt = t.repeat(len(lat))
+                pred = unet(scheduler.add_noise(lat, noise, tt), tt, encoder_hidden_states=text).sample
+                eps_err.append(F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)))
+        out[f"vae_mse_{split}"] = float(torch.cat(rec_err).mean())
+        out[f"unet_eps_mse_{split}"] = float(torch.cat(eps_err).mean())
+    face = comps.face
+    for name, ids_, n, s in (("seen", range(len(manifest["identities"]["train"])), 4, seed + 2),
+                             ("unseen", [int(lb.split("_")[1]) for lb in manifest["identities"]["unseen"]], 8, seed + 4)):
+        crops, labels = render_identity_crops(list(ids_), n_per_id=n, seed=s)
+        out[f"face_accuracy_{name}"] = evaluate_verification(face, uint8_to_unit(crops), torch.as_tensor(labels))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("artifacts/tiny"))
@@ -218,12 +268,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="weight of a second face-backbone margin loss on the spatial mean of its last map "
                         "(0: off, the default; see src.models.face_pretrain.pooled_features)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes rendering the synthetic images (default: one per core; the same bytes)")
+    p.add_argument("--quality", action="store_true",
+                   help="build nothing: print the held-out quality of the world at --out (measure_quality)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.quality:
+        print(json.dumps(measure_quality(a.out), indent=2))
+        return
     report = build(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps, face_steps=a.face_steps,
-                   face_pooled_weight=a.face_pooled_weight)
+                   face_pooled_weight=a.face_pooled_weight, workers=a.workers)
     print(json.dumps(report, indent=2, default=str))
 
 
