@@ -2,6 +2,9 @@
 
     python -m src.guard control [TRAIN ARGS]   stage 2 again with routing_lambda = 0 (the control)
     python -m src.guard check                  every figure against its threshold; exit 1 on a miss
+    python -m src.guard seed --seed 1 --runs runs/tiny_seed1 [TRAIN ARGS]
+                                               stage 1, stage 2 and the control under another seed, in
+                                               their own folder (then `check --runs runs/tiny_seed1`)
 
 `make guard` runs both after `make demo` (CI runs it on the shortened demo). `check` reads the
 `report.json` each training run writes (`callbacks.training_report.write_report`) and requires:
@@ -30,6 +33,7 @@ from typing import Any
 
 import yaml
 
+DEFAULT_STAGE1_CONFIG = Path("configs/tiny/stage1.yaml")
 DEFAULT_STAGE2_CONFIG = Path("configs/tiny/stage2.yaml")
 CONTROL_NAME = "stage2_lambda0"
 BAND = "t<250"
@@ -103,17 +107,22 @@ def check(runs: Path, control: str, splits: list[str], min_gap_se: float, min_ro
             + routing_figures(runs / control / "report.json", "control (lambda = 0)", deviation=max_control_deviation))
 
 
-def control_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    """The stage-2 config with routing_lambda = 0, its logger renamed to `name` and every callback's
-    `dirpath` moved from the logger's folder to the control's (so the control writes nothing into the
-    stage-2 run's folder)."""
-    cfg = copy.deepcopy(cfg)
-    cfg.setdefault("model", {})["routing_lambda"] = 0.0
+def _run_folder(cfg: dict[str, Any]) -> Path:
     logger = cfg.get("trainer", {}).get("logger", {}).get("init_args", {})
     if "save_dir" not in logger or "name" not in logger:
-        raise KeyError("control_config: trainer.logger.init_args needs save_dir and name (the run's folder)")
-    old, new = Path(logger["save_dir"]) / logger["name"], Path(logger["save_dir"]) / name
-    logger["name"] = name
+        raise KeyError("trainer.logger.init_args needs save_dir and name (the run's folder)")
+    return Path(logger["save_dir"]) / logger["name"]
+
+
+def relocate(cfg: dict[str, Any], save_dir: str | None = None, name: str | None = None) -> dict[str, Any]:
+    """A copy of a training config whose run folder (the logger's save_dir / name) is moved, with every
+    callback `dirpath` inside the old folder moved along, so the run writes nothing into the old one."""
+    cfg = copy.deepcopy(cfg)
+    old = _run_folder(cfg)
+    logger = cfg["trainer"]["logger"]["init_args"]
+    logger["save_dir"] = save_dir if save_dir is not None else logger["save_dir"]
+    logger["name"] = name if name is not None else logger["name"]
+    new = _run_folder(cfg)
     for cb in cfg["trainer"].get("callbacks", []):
         args = cb.get("init_args", {})
         if "dirpath" in args and Path(args["dirpath"]).is_relative_to(old):
@@ -121,15 +130,58 @@ def control_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return cfg
 
 
-def run_control(config: Path, name: str, train_args: list[str]) -> None:
-    from src.train import main as train_main
-    from src.train import resolve_config
+def control_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """The stage-2 config with routing_lambda = 0, its logger renamed to `name` and every callback's
+    `dirpath` moved from the logger's folder to the control's (so the control writes nothing into the
+    stage-2 run's folder)."""
+    cfg = relocate(cfg, name=name)
+    cfg.setdefault("model", {})["routing_lambda"] = 0.0
+    return cfg
 
-    cfg = control_config(resolve_config(config), name)
-    with tempfile.TemporaryDirectory(prefix="uniportrait-control-") as tmp:
+
+def seed_config(cfg: dict[str, Any], seed: int, runs: Path) -> dict[str, Any]:
+    """A stage config under another seed whose run folder moves from its save_dir to `runs`; a stage-2
+    `model.init_from` inside the old save_dir follows it there. The seed is all three of a run's:
+    `seed_everything` (initialisation), every `ResumableRNG` callback's (per-step noise, timesteps,
+    dropout) and `data.seed` (shard order, shuffling, crops); the world and its held-out splits stay."""
+    old_save_dir = Path(cfg["trainer"]["logger"]["init_args"]["save_dir"]) if "trainer" in cfg else None
+    cfg = relocate(cfg, save_dir=str(runs))
+    rngs = [cb for cb in cfg["trainer"].get("callbacks", []) if cb.get("class_path", "").endswith(".ResumableRNG")]
+    if not rngs:
+        raise KeyError("seed_config: no callbacks.reliability.ResumableRNG in trainer.callbacks (the run's seed)")
+    for cb in rngs:
+        cb.setdefault("init_args", {})["seed"] = seed
+    cfg["seed_everything"] = seed
+    cfg.setdefault("data", {})["seed"] = seed
+    init_from = cfg.get("model", {}).get("init_from")
+    if init_from and old_save_dir is not None and Path(init_from).is_relative_to(old_save_dir):
+        cfg["model"]["init_from"] = str(runs / Path(init_from).relative_to(old_save_dir))
+    return cfg
+
+
+def _train(cfg: dict[str, Any], name: str, train_args: list[str]) -> None:
+    from src.train import main as train_main
+
+    with tempfile.TemporaryDirectory(prefix="uniportrait-guard-") as tmp:
         path = Path(tmp) / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         train_main(["fit", "--config", str(path), *train_args])
+
+
+def run_control(config: Path, name: str, train_args: list[str]) -> None:
+    from src.train import resolve_config
+
+    _train(control_config(resolve_config(config), name), name, train_args)
+
+
+def run_seed(seed: int, runs: Path, stage1: Path, stage2: Path, name: str, train_args: list[str]) -> None:
+    """Stage 1, stage 2 and the control as `make demo` and `make guard` train them, under `seed`, in `runs`."""
+    from src.train import resolve_config
+
+    s1, s2 = seed_config(resolve_config(stage1), seed, runs), seed_config(resolve_config(stage2), seed, runs)
+    _train(s1, "stage1", train_args)
+    _train(s2, "stage2", train_args)
+    _train(control_config(s2, name), name, train_args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("control", help="train stage 2 with routing_lambda = 0 (extra arguments go to src.train)")
     c.add_argument("--config", type=Path, default=DEFAULT_STAGE2_CONFIG)
     c.add_argument("--name", default=CONTROL_NAME, help="the control run's logger name (its folder)")
+    sd = sub.add_parser("seed", help="stage 1, stage 2 and the control under another seed, in their own folder "
+                                     "(extra arguments go to src.train)")
+    sd.add_argument("--seed", type=int, required=True)
+    sd.add_argument("--runs", type=Path, required=True, help="folder for stage1/ stage2/ and the control")
+    sd.add_argument("--stage1-config", type=Path, default=DEFAULT_STAGE1_CONFIG)
+    sd.add_argument("--stage2-config", type=Path, default=DEFAULT_STAGE2_CONFIG)
+    sd.add_argument("--name", default=CONTROL_NAME, help="the control run's folder name")
     k = sub.add_parser("check", help="check the figures of the runs' report.json files against the thresholds")
     k.add_argument("--runs", type=Path, default=Path("runs/tiny"), help="folder with stage1/ stage2/ and the control")
     k.add_argument("--control", default=CONTROL_NAME)
@@ -148,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     a, rest = p.parse_known_args(argv)
     if a.command == "control":
         run_control(a.config, a.name, rest)
+        return 0
+    if a.command == "seed":
+        run_seed(a.seed, a.runs, a.stage1_config, a.stage2_config, a.name, rest)
         return 0
     if rest:
         p.error(f"unrecognised arguments: {' '.join(rest)}")

@@ -64,3 +64,24 @@ def test_control_config_is_stage2_without_routing_loss_in_its_own_folder():
     for key in ("init_from", "lr", "stage"):
         assert control["model"][key] == stage2["model"][key]
     assert control["data"] == stage2["data"] and control["trainer"]["max_steps"] == stage2["trainer"]["max_steps"]
+
+
+def test_seed_config_moves_every_stage_and_the_hand_over_to_its_own_folder():
+    stage1 = resolve_config(ROOT / "configs" / "tiny" / "stage1.yaml")
+    stage2 = resolve_config(ROOT / "configs" / "tiny" / "stage2.yaml")
+    s1, s2 = (guard.seed_config(c, 7, Path("runs/seed7")) for c in (stage1, stage2))
+    for cfg, orig in ((s1, stage1), (s2, stage2)):
+        seeds = [cb["init_args"]["seed"] for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("ResumableRNG")]
+        assert seeds == [7] and orig is not cfg
+        assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == "runs/seed7"
+        dirs = [cb["init_args"]["dirpath"] for cb in cfg["trainer"]["callbacks"] if "dirpath" in cb.get("init_args", {})]
+        name = cfg["trainer"]["logger"]["init_args"]["name"]
+        assert dirs and all(d.startswith(f"runs/seed7/{name}/") for d in dirs)
+        assert cfg["seed_everything"] == 7 and cfg["data"]["seed"] == 7 and orig["data"].get("seed", 0) == 0
+        assert {k: v for k, v in cfg["data"].items() if k != "seed"} == {k: v for k, v in orig["data"].items() if k != "seed"}
+    assert s2["model"]["init_from"] == "runs/seed7/stage1/checkpoints/last.ckpt"  # stage 2 starts from seed 7's stage 1
+    assert stage2["model"]["init_from"] == "runs/tiny/stage1/checkpoints/last.ckpt"  # the original is untouched
+    control = guard.control_config(s2, "stage2_lambda0")
+    assert control["model"]["routing_lambda"] == 0.0 and control["model"]["init_from"] == s2["model"]["init_from"]
+    assert all(cb["init_args"]["dirpath"].startswith("runs/seed7/stage2_lambda0/")
+               for cb in control["trainer"]["callbacks"] if "dirpath" in cb.get("init_args", {}))
