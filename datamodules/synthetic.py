@@ -133,6 +133,15 @@ def identity_label(k: int) -> str:
     return f"syn_{k}"
 
 
+def manifest_identities(manifest: dict, split: str) -> list[int]:
+    """Identity indices k of `syn_<k>` listed under manifest["identities"][split] ("train" or "unseen")."""
+    try:
+        labels = manifest["identities"][split]
+    except KeyError as err:
+        raise KeyError(f"manifest.json has no identities[{split!r}]") from err
+    return [int(str(s).rsplit("_", 1)[1]) for s in labels]
+
+
 def _jitter(rng: np.random.Generator, colour: np.ndarray, amount: float) -> tuple[float, float, float]:
     c = np.clip(colour + rng.uniform(-amount, amount, 3), 0, 255)
     return (float(c[0]), float(c[1]), float(c[2]))

@@ -299,15 +299,6 @@ def real_identities(photos: list[tuple[str, str, Path, np.ndarray]], recognizer:
     return out
 
 
-def synthetic_identity_indices(manifest: dict, split: str) -> list[int]:
-    """Identity indices k of `syn_<k>` listed under manifest["identities"][split]."""
-    try:
-        labels = manifest["identities"][split]
-    except KeyError as err:
-        raise KeyError(f"manifest.json has no identities[{split!r}]") from err
-    return [int(str(s).rsplit("_", 1)[1]) for s in labels]
-
-
 def synthetic_reference(k: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One new single-face render of synthetic identity k -> uint8 aligned crops (recog (112, 112, 3), clip crop,
     scoring crop (112, 112, 3)).
@@ -329,9 +320,10 @@ def synthetic_identities(
     manifest: dict, k: int | None, recognizer: "SyntheticFaceRecognizer", size: int, save_dir: Path | None = None
 ) -> list[BenchIdentity]:
     """Held-out synthetic identities (manifest "unseen"), at most 15, `k` of them spread over the list."""
+    from datamodules.synthetic import manifest_identities
     from src.pipeline import Identity
 
-    ids = synthetic_identity_indices(manifest, "unseen")[: len(bp.IDENTITIES)]
+    ids = manifest_identities(manifest, "unseen")[: len(bp.IDENTITIES)]
     if not ids:
         raise ValueError("manifest.json lists no held-out ('unseen') identities to evaluate")
     out = []
@@ -743,13 +735,14 @@ def build_metric_recognizer(a: argparse.Namespace, comps: Any, manifest: dict | 
     if a.recognizer != "tiny":
         return build_recognizer(a.recognizer, weights=str(a.facenet_weights) if a.facenet_weights else None,
                                 device=a.device)
+    from datamodules.synthetic import manifest_identities
     from src.models.face_backbone import load_face_backbone
 
     if manifest is None:
         raise ValueError("--recognizer tiny needs the tiny world's manifest (synthetic world)")
     backbone = load_face_backbone(comps.face_backbone, comps.face_num_layers, comps.face_widths,
                                   comps.face_embedding_size).to(a.device)
-    train_ids = synthetic_identity_indices(manifest, "train")[:8]
+    train_ids = manifest_identities(manifest, "train")[:8]
     return SyntheticFaceRecognizer(backbone, train_ids, image_size=size, num_calibration=a.calibration_renders,
                                    seed=a.seed)
 

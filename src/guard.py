@@ -144,7 +144,8 @@ def seed_config(cfg: dict[str, Any], seed: int, runs: Path) -> dict[str, Any]:
     `model.init_from` inside the old save_dir follows it there. The seed is all three of a run's:
     `seed_everything` (initialisation), every `ResumableRNG` callback's (per-step noise, timesteps,
     dropout) and `data.seed` (shard order, shuffling, crops); the world and its held-out splits stay."""
-    old_save_dir = Path(cfg["trainer"]["logger"]["init_args"]["save_dir"]) if "trainer" in cfg else None
+    _run_folder(cfg)  # a config without the logger's save_dir and name is a KeyError naming them
+    old_save_dir = Path(cfg["trainer"]["logger"]["init_args"]["save_dir"])
     cfg = relocate(cfg, save_dir=str(runs))
     rngs = [cb for cb in cfg["trainer"].get("callbacks", []) if cb.get("class_path", "").endswith(".ResumableRNG")]
     if not rngs:
@@ -154,7 +155,7 @@ def seed_config(cfg: dict[str, Any], seed: int, runs: Path) -> dict[str, Any]:
     cfg["seed_everything"] = seed
     cfg.setdefault("data", {})["seed"] = seed
     init_from = cfg.get("model", {}).get("init_from")
-    if init_from and old_save_dir is not None and Path(init_from).is_relative_to(old_save_dir):
+    if init_from and Path(init_from).is_relative_to(old_save_dir):
         cfg["model"]["init_from"] = str(runs / Path(init_from).relative_to(old_save_dir))
     return cfg
 

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from datamodules.schema import decode_sample
-from datamodules.synthetic import SyntheticConfig, generate, render_identity_crops
+from datamodules.synthetic import SyntheticConfig, generate, manifest_identities, render_identity_crops
 from src.conventions import uint8_to_unit
 from src.models import presets
 from src.models.face_backbone import IRBackbone
@@ -202,8 +202,7 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
     examples = out / "examples"
     if not examples.exists():
         # aligned crops of two held-out (unseen) identities, for the README's generate example
-        unseen = manifest["identities"]["unseen"][:2]
-        ids = [int(label.split("_")[1]) for label in unseen]
+        ids = manifest_identities(manifest, "unseen")[:2]
         crops, _ = render_identity_crops(ids, n_per_id=1, seed=seed + 3)
         examples.mkdir()
         for label, crop in zip(("person_a", "person_b"), crops):
@@ -250,9 +249,8 @@ def measure_quality(root: Path, images: int = 200, timesteps: int = 8, seed: int
         out[f"vae_mse_{split}"] = float(torch.cat(rec_err).mean())
         out[f"unet_eps_mse_{split}"] = float(torch.cat(eps_err).mean())
     face = comps.face
-    for name, ids_, n, s in (("seen", range(len(manifest["identities"]["train"])), 4, seed + 2),
-                             ("unseen", [int(lb.split("_")[1]) for lb in manifest["identities"]["unseen"]], 8, seed + 4)):
-        crops, labels = render_identity_crops(list(ids_), n_per_id=n, seed=s)
+    for name, split, n, s in (("seen", "train", 4, seed + 2), ("unseen", "unseen", 8, seed + 4)):
+        crops, labels = render_identity_crops(manifest_identities(manifest, split), n_per_id=n, seed=s)
         out[f"face_accuracy_{name}"] = evaluate_verification(face, uint8_to_unit(crops), torch.as_tensor(labels))
     return out
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from datamodules.synthetic import manifest_identities
 from src import benchmark_prompts as bp
 from src import evaluate
 from src.generate import DEFAULT_TINY
@@ -120,7 +121,7 @@ def test_face_sim_scores_each_image_against_its_own_identity(tiny_world, checkpo
     ids: dict[str, int] = {}
 
     def known_faces(args, comps, manifest, size) -> KnownFaces:
-        unseen = evaluate.synthetic_identity_indices(manifest, "unseen")
+        unseen = manifest_identities(manifest, "unseen")
         ids.update({f"syn_{k}": i for i, k in enumerate(unseen)})
         refs = {evaluate.synthetic_reference(k, size)[2].tobytes(): i for i, k in enumerate(unseen)}
         return KnownFaces(refs, shown, len(unseen))
