@@ -9,11 +9,19 @@ export OMP_NUM_THREADS ?= 1
 # `make tiny` is one process with no loader workers, so it takes both cores (measured here: a tiny
 # UNet pretraining step 1.5-2.4 s on one thread, 1.0-1.3 s on two).
 TINY_THREADS ?= 2
+# `make tiny PRETRAIN=1` pretrains the tiny UNet, VAE and face backbone here (~13 min on 2 cores) instead of
+# copying the shipped weights of assets/tiny.
+PRETRAIN ?=
 # Extra CLI arguments for both training stages (e.g. `make demo TRAIN_ARGS=--trainer.max_steps=200`,
 # what .ci/run does to keep CI inside its time limit); empty for the README's full run.
 TRAIN_ARGS ?=
+# What CI trains (`make ci-guard`): both stages cut to 200 steps, each training process on one thread, because
+# CI runs three jobs side by side on 2 cores (`make -j3`), and a 2-thread OpenMP process sharing its cores with
+# others waits on its own descheduled thread at every parallel region.
+CI_TRAIN_ARGS ?= --trainer.max_steps=200 --torch_threads=1
 
-.PHONY: install tiny demo train-tiny train-tiny-stage2 guard test test-slow test-all bench eval clean
+.PHONY: install tiny tiny-assets demo train-tiny train-tiny-stage2 guard guard-control ci-tests ci-guard test \
+	test-slow test-all bench eval clean
 
 install: $(VENV)/.installed  ## create .venv and install the project with pinned versions
 
@@ -23,8 +31,12 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -e '.[dev]'
 	touch $@
 
-tiny: install  ## embedded default: synthetic identity shards + tiny random components on disk
-	$(PY) -m src.tiny --out $(TINY) --threads $(TINY_THREADS)
+tiny: install  ## embedded default: synthetic identity shards rendered here + the tiny pretrained parts of assets/tiny
+	$(PY) -m src.tiny --out $(TINY) --threads $(TINY_THREADS) $(if $(PRETRAIN),--pretrain)
+
+tiny-assets: install  ## remake assets/tiny: pretrain the tiny parts from scratch in a fresh folder (~15 min), write them + manifest
+	rm -rf artifacts/tiny-pretrain
+	$(PY) -m src.tiny --out artifacts/tiny-pretrain --threads $(TINY_THREADS) --pretrain --save-assets assets/tiny
 
 train-tiny: tiny  ## stage 1 on the embedded default (loss trend + identity probe printed at the end)
 	$(PY) -m src.train fit --config configs/tiny/stage1.yaml $(TRAIN_ARGS)
@@ -34,8 +46,21 @@ train-tiny-stage2: tiny  ## stage 2 from stage 1's last.ckpt (routing accuracy p
 
 demo: train-tiny train-tiny-stage2  ## the main job: both stages on the embedded default
 
-guard: tiny  ## after `make demo`: stage 2 without the routing loss (the control), then every learning figure against its threshold
+guard: guard-control  ## after `make demo`: stage 2 without the routing loss (the control), then every learning figure against its threshold
+	$(PY) -m src.guard check
+
+guard-control: tiny  ## stage 2 from stage 1's last.ckpt without the routing loss (runs/tiny/control)
 	$(PY) -m src.guard control $(TRAIN_ARGS)
+
+# CI (.ci/run): `make -j3 ci-tests ci-guard` runs the tests beside the shortened demo; once stage 1 is
+# trained, stage 2 and the control (both start from its checkpoint) run side by side too.
+ci-tests:  ## make test, then make test-slow
+	$(MAKE) test
+	$(MAKE) test-slow
+
+ci-guard:  ## after `make tiny`: the shortened demo (CI_TRAIN_ARGS), its control, and every learning figure against its threshold
+	$(MAKE) train-tiny TRAIN_ARGS="$(CI_TRAIN_ARGS)"
+	$(MAKE) train-tiny-stage2 guard-control TRAIN_ARGS="$(CI_TRAIN_ARGS)"
 	$(PY) -m src.guard check
 
 test: install  ## fast test suite (slow tests excluded)

@@ -187,8 +187,9 @@ class IdentityMetrics(L.Callback):
     def routing_accuracy(self, pl_module: L.LightningModule, batch: dict[str, Any]) -> float:
         """Routing accuracy (all layers, ROUTING_TIMESTEPS) from the module's public routing_maps()."""
         metric = RoutingAccuracy()
+        inputs = pl_module.probe_inputs(batch)  # shared by the forwards of every timestep
         for t in ROUTING_TIMESTEPS:
-            out = pl_module.routing_maps(batch, t, seed=self.seed)
+            out = pl_module.routing_maps(batch, t, seed=self.seed, inputs=inputs)
             for hard in out["hard"]:
                 metric.update(hard.cpu(), out["masks"].cpu(), out["valid"].cpu(), torch.full((hard.shape[0],), t))
         return float(metric.compute()["all"])

@@ -108,10 +108,11 @@ class RoutingMapLogger(L.Callback):
         metric = RoutingAccuracy()
         g = torch.Generator().manual_seed(self.seed)
         mid = None
+        inputs = pl_module.probe_inputs(batch)  # shared by every forward below
         for lo, hi in BANDS.values():
             for k in range(self.band_samples):
                 t = int(torch.randint(lo, hi, (1,), generator=g))
-                out = pl_module.routing_maps(batch, t, seed=self.seed + k)
+                out = pl_module.routing_maps(batch, t, seed=self.seed + k, inputs=inputs)
                 if not out["hard"]:
                     return {}, out
                 for hard in out["hard"]:
@@ -207,10 +208,11 @@ class RoutingAccuracyReport(L.Callback):
                                          max_batches=self.max_batches):
                 batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
                 n_faces = batch["face_valid"].sum(1).cpu()
+                inputs = pl_module.probe_inputs(batch)  # shared by the batch's len(BANDS) * band_samples forwards
                 for lo, hi in BANDS.values():
                     for k in range(self.band_samples):
                         t = int(torch.randint(lo, hi, (1,), generator=g))
-                        out = pl_module.routing_maps(batch, t, seed=self.seed + k)
+                        out = pl_module.routing_maps(batch, t, seed=self.seed + k, inputs=inputs)
                         for n in n_faces.unique().tolist():
                             sel = n_faces == n
                             m = metrics.setdefault(int(n), RoutingAccuracy())

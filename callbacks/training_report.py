@@ -161,9 +161,9 @@ class IdentityProbe(L.Callback):
                 if i >= self.max_batches:
                     break
                 batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-                draws = [pl_module.identity_gap(batch, generator=g) for _ in range(self.draws)]
-                own_all.append(torch.stack([d[0] for d in draws]).mean(0).double().cpu())  # (M,)
-                other_all.append(torch.stack([d[1] for d in draws]).mean(0).double().cpu())  # (M,)
+                own, other = pl_module.identity_gap(batch, generator=g, draws=self.draws)  # (M,) each
+                own_all.append(own.double().cpu())
+                other_all.append(other.double().cpu())
                 with torch.no_grad():
                     t = pl_module.batch_identity_tokens(batch)  # (B, N, Q, D)
                 ids, valid = batch["identity"], batch["face_valid"].cpu()  # B label lists, (B, N)

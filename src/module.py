@@ -400,39 +400,48 @@ class UniPortraitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ public probes (callbacks use these)
     @torch.no_grad()
-    def identity_gap(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def identity_gap(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                     draws: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image denoising loss with the image's own identity tokens and with those of another image
         of the batch that shares none of its identity labels (`other_identity_partners`), same noise and
-        timesteps. Returns (own, other), each (M,) over the M images that have such a partner (an image
-        of unknown identity, or a batch of one person, has none). The identity pathway carries identity
-        when own < other."""
+        timesteps, averaged over `draws` noise draws (the frozen encoders run once). Returns (own, other),
+        each (M,) over the M images that have such a partner (an image of unknown identity, or a batch of
+        one person, has none). The identity pathway carries identity when own < other."""
         partners = other_identity_partners(batch["identity"])
         kept = [b for b, p in enumerate(partners) if p is not None]
-        latents = self.encode_images(batch["image"])  # (B, C, h, w)
-        text = self.encode_text(batch["caption"])
-        valid = batch["face_valid"]
-        tokens = self.batch_identity_tokens(batch)  # (B, N, Q, D)
-        noise, t, noisy = self._sample_noise(latents, generator)
+        latents, text, tokens, valid = self.probe_inputs(batch)
         other = tokens[[b if p is None else p for b, p in enumerate(partners)]]  # (B, N, Q, D)
-        losses = []
-        for tok in (tokens, other):
-            pred = self._denoise(noisy, t, text, self._context(tok, valid, latents, None))
-            losses.append((pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))[kept])  # (M,)
-        return losses[0], losses[1]
+        own_draws, other_draws = [], []
+        for _ in range(draws):
+            noise, t, noisy = self._sample_noise(latents, generator)
+            for tok, out in ((tokens, own_draws), (other, other_draws)):
+                pred = self._denoise(noisy, t, text, self._context(tok, valid, latents, None))
+                out.append((pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))[kept])  # (M,)
+        return torch.stack(own_draws).mean(0), torch.stack(other_draws).mean(0)
 
     @torch.no_grad()
-    def routing_maps(self, batch: dict[str, Any], timesteps: torch.Tensor | int, seed: int = 0) -> dict[str, Any]:
+    def probe_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What every probe forward of `batch` starts from, computed once in inference mode: scaled latents
+        (B, C, h, w), text states (B, 77, D), identity tokens (B, N, Q, D) and face validity (B, N)."""
+        was_training = self.training
+        self.eval()
+        out = (self.encode_images(batch["image"]), self.encode_text(batch["caption"]),
+               self.batch_identity_tokens(batch), batch["face_valid"])
+        self.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def routing_maps(self, batch: dict[str, Any], timesteps: torch.Tensor | int, seed: int = 0,
+                     inputs: tuple[torch.Tensor, ...] | None = None) -> dict[str, Any]:
         """Inference-mode routing of one denoising forward at `timesteps` (int or (B,)).
 
+        `inputs`: the batch's `probe_inputs` when several forwards share them (else computed here).
         Returns {"names": [layer names], "hard": [(B, N, h, w) one-hot], "probs": [(B, N, h, w)],
         "masks": (B, N, H, W) target face masks, "valid": (B, N)}. Callbacks use only this.
         """
+        latents, text, tokens, valid = inputs if inputs is not None else self.probe_inputs(batch)
         was_training = self.training
         self.eval()
-        latents = self.encode_images(batch["image"])
-        text = self.encode_text(batch["caption"])
-        valid = batch["face_valid"]
-        tokens = self.batch_identity_tokens(batch)
         g = torch.Generator(device=self.device).manual_seed(seed)
         noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
         t = torch.as_tensor(timesteps, device=self.device).long().expand(latents.shape[0])

@@ -11,13 +11,26 @@ Like the real parts they stand in for, the VAE, the UNet and the face backbone a
 (briefly, on the synthetic images: reconstruction, text-conditional denoising, margin-based
 identity classification) before UniPortrait training freezes them. Each step is skipped when its
 output exists (delete the folder to rebuild).
+
+Pretraining those three parts takes ~13 min on a 2-core CPU, so the default world's pretrained weights
+ship in the repository (assets/tiny: the UNet and VAE directories, the face backbone, and manifest.json
+with the options they were made with, their sha256 and how they were made). A build whose options are
+the manifest's copies them instead of pretraining (the same bytes `--pretrain` gives on the machine the
+manifest names); any other build (another seed, data size or step count) pretrains here and logs why.
+`make tiny-assets` remakes them: `--pretrain --save-assets assets/tiny` on a fresh folder.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
 import logging
 import os
+import platform
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +50,110 @@ from src.models.face_backbone import IRBackbone
 from src.models.face_pretrain import evaluate_verification, pretrain_recognition
 
 log = logging.getLogger("src.tiny")
+
+# The default world's pretrained parts, shipped in the repository, and the files that make them up
+# (paths relative to both the assets folder and the world's folder).
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny"
+PRETRAINED_FILES = (
+    "base/unet/config.json",
+    "base/unet/diffusion_pytorch_model.safetensors",
+    "base/vae/config.json",
+    "base/vae/diffusion_pytorch_model.safetensors",
+    "face_backbone.safetensors",
+)
+# Built here from the seed, not shipped, but the UNet was pretrained against it: its hash is recorded so a
+# machine whose floats draw a different random text encoder says so.
+TEXT_ENCODER_FILE = "base/text_encoder/model.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pretrain_options(seed: int, data_options: dict, vae_steps: int, unet_steps: int, face_steps: int,
+                     pretrain_images: int, face_pooled_weight: float) -> dict:
+    """Everything the pretrained parts depend on besides the code: what shipped weights must match."""
+    data = {k: v for k, v in data_options.items() if k not in ("progress", "workers")}  # display / speed only
+    return {"seed": seed, "data": data, "vae_steps": vae_steps, "unet_steps": unet_steps,
+            "face_steps": face_steps, "pretrain_images": pretrain_images, "face_pooled_weight": face_pooled_weight}
+
+
+def shipped_weights(assets: Path | None, options: dict) -> dict | None:
+    """The manifest of the pretrained weights at `assets` when they were made with `options`, else None
+    (logged). Raises ValueError naming the file when a shipped file is not the one the manifest records."""
+    if assets is None:
+        return None
+    manifest_file = assets / "manifest.json"
+    if not manifest_file.is_file():
+        log.info("no shipped pretrained weights at %s: pretraining the tiny parts here", manifest_file)
+        return None
+    manifest = json.loads(manifest_file.read_text())
+    made_with = manifest.get("options", {})
+    if made_with != options:
+        differ = sorted(k for k in set(made_with) | set(options) if made_with.get(k) != options.get(k))
+        log.info("the shipped weights at %s were made with other options (%s: %s there, %s here): "
+                 "pretraining the tiny parts here", assets, ", ".join(differ),
+                 {k: made_with.get(k) for k in differ}, {k: options.get(k) for k in differ})
+        return None
+    for rel in PRETRAINED_FILES:
+        want = manifest["sha256"].get(rel)
+        path = assets / rel
+        if not path.is_file():
+            raise ValueError(f"{path}: missing, but {manifest_file} lists it; restore it (git checkout -- {path}) "
+                             "or remake the assets (make tiny-assets)")
+        if _sha256(path) != want:
+            raise ValueError(f"{path}: sha256 differs from the one {manifest_file} records ({want}); restore it "
+                             f"(git checkout -- {path}) or remake the assets (make tiny-assets)")
+    return manifest
+
+
+def _copy_shipped(assets: Path, out: Path, files: tuple[str, ...]) -> None:
+    for rel in files:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(assets / rel, out / rel)
+
+
+def save_assets(world: Path, assets: Path, command: str) -> dict:
+    """Write the pretrained parts of the world at `world` (built by `build(..., pretrain=True)`) to `assets`
+    with manifest.json: the options they were made with, each file's sha256, their pretraining figures, and
+    the date, commit, machine and versions that made them. Returns the manifest."""
+    report = json.loads((world / "tiny_report.json").read_text())
+    if report.get("pretrained", {}).get("source") != "pretrained here":
+        raise ValueError(f"{world / 'tiny_report.json'}: its pretrained parts were not pretrained in this folder "
+                         f"(pretrained: {report.get('pretrained')}); build a fresh folder with --pretrain")
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    manifest = {
+        "options": report["pretrained"]["options"],
+        "sha256": {rel: _sha256(world / rel) for rel in PRETRAINED_FILES},
+        "companions": {TEXT_ENCODER_FILE: _sha256(world / TEXT_ENCODER_FILE)},
+        "report": {k: report[k] for k in ("face_backbone", "vae_loss", "unet_loss")},
+        "made": {"date": datetime.date.today().isoformat(), "commit": commit, "command": command,
+                 "cpu": _cpu_name(), "torch": torch.__version__, "seconds": report["pretrained"].get("seconds")},
+    }
+    if assets.exists():
+        shutil.rmtree(assets)
+    _copy_shipped(world, assets, PRETRAINED_FILES)
+    (assets / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("wrote the pretrained tiny parts of %s to %s", world, assets)
+    return manifest
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _load_images(pattern: str, limit: int) -> tuple[torch.Tensor, list[str]]:
@@ -136,11 +253,13 @@ def tiny_components(root: Path) -> presets.ComponentPaths:
 
 def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_steps: int = 600,
           unet_steps: int = 400, face_steps: int = 120, pretrain_images: int = 2000,
-          face_pooled_weight: float = 0.0, workers: int = 1) -> dict:
+          face_pooled_weight: float = 0.0, workers: int = 1, pretrain: bool = False,
+          assets: Path | None = ASSETS) -> dict:
     """Write the world under `out` (each step skipped when its output exists); returns tiny_report.json's dict.
 
-    `workers` processes render the synthetic images (the same bytes whatever the count); the pretraining
-    runs in this process on torch's threads.
+    `workers` processes render the synthetic images (the same bytes whatever the count). The UNet, VAE and
+    face backbone are copied from `assets` when its manifest was made with this call's options, else (or
+    with `pretrain`) pretrained in this process on torch's threads.
     """
     out.mkdir(parents=True, exist_ok=True)
     report_file = out / "tiny_report.json"
@@ -155,7 +274,18 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
     manifest = json.loads((data_dir / "manifest.json").read_text())
     report["data"] = manifest["counts"]
 
+    options = pretrain_options(seed, manifest["options"], vae_steps, unet_steps, face_steps, pretrain_images,
+                               face_pooled_weight)
     face_path = out / "face_backbone.safetensors"
+    todo = not face_path.exists() or not (out / "base" / "unet").exists()
+    shipped = shipped_weights(assets, options) if todo and not pretrain else None
+    if todo:
+        report["pretrained"] = ({"source": str(assets), "made": shipped["made"]} if shipped else
+                                {"source": "pretrained here", "options": options})
+    t_pretrain = time.time()
+    if shipped and not face_path.exists():
+        _copy_shipped(assets, out, ("face_backbone.safetensors",))
+        report["face_backbone"] = shipped["report"]["face_backbone"]
     if not face_path.exists():
         torch.manual_seed(seed)
         face = IRBackbone(18, presets.TINY_FACE_WIDTHS, presets.TINY_FACE_EMBEDDING)
@@ -184,21 +314,33 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
 
     base = out / "base"
     if not (base / "unet").exists():
-        torch.manual_seed(seed)
-        images, captions = _load_images(manifest["splits"]["single_train"]["path_pattern"], pretrain_images)
+        torch.manual_seed(seed)  # the text encoder's random weights come from the seed, shipped or not
         tokenizer = presets.write_clip_tokenizer(base / "tokenizer")
         text_encoder = presets.tiny_text_encoder().eval().requires_grad_(False)
         scheduler = presets.sd15_scheduler()
-        vae = presets.tiny_vae()
-        report["vae_loss"] = pretrain_vae(vae, images, vae_steps, seed=seed)
-        vae.requires_grad_(False)
-        unet = presets.tiny_unet(sample_size=images.shape[-1] // 4)
-        report["unet_loss"] = pretrain_unet(unet, vae, text_encoder, tokenizer, scheduler, images, captions,
-                                            unet_steps, seed=seed)
-        vae.save_pretrained(base / "vae")
         text_encoder.save_pretrained(base / "text_encoder")
         scheduler.save_pretrained(base / "scheduler")
-        unet.save_pretrained(base / "unet")  # last: its presence marks the base model complete
+        if shipped:
+            want = shipped.get("companions", {}).get(TEXT_ENCODER_FILE)
+            if want and _sha256(out / TEXT_ENCODER_FILE) != want:
+                log.warning("%s differs from the text encoder the shipped UNet was pretrained with (this CPU "
+                            "draws other random floats); figures may differ from docs/benchmarks.md; "
+                            "`make tiny PRETRAIN=1` pretrains the parts here", out / TEXT_ENCODER_FILE)
+            report["vae_loss"], report["unet_loss"] = shipped["report"]["vae_loss"], shipped["report"]["unet_loss"]
+            _copy_shipped(assets, out, tuple(f for f in PRETRAINED_FILES if f.startswith("base/vae/")))
+            _copy_shipped(assets, out, tuple(f for f in PRETRAINED_FILES if f.startswith("base/unet/")))  # last
+        else:
+            images, captions = _load_images(manifest["splits"]["single_train"]["path_pattern"], pretrain_images)
+            vae = presets.tiny_vae()
+            report["vae_loss"] = pretrain_vae(vae, images, vae_steps, seed=seed)
+            vae.requires_grad_(False)
+            unet = presets.tiny_unet(sample_size=images.shape[-1] // 4)
+            report["unet_loss"] = pretrain_unet(unet, vae, text_encoder, tokenizer, scheduler, images, captions,
+                                                unet_steps, seed=seed)
+            vae.save_pretrained(base / "vae")
+            unet.save_pretrained(base / "unet")  # last: its presence marks the base model complete
+    if todo:
+        report["pretrained"]["seconds"] = round(time.time() - t_pretrain, 1)
     examples = out / "examples"
     if not examples.exists():
         # aligned crops of two held-out (unseen) identities, for the README's generate example
@@ -208,7 +350,10 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
         for label, crop in zip(("person_a", "person_b"), crops):
             Image.fromarray(crop).save(examples / f"{label}.png")
     report["seconds"] = round(time.time() - t0, 1)  # this call's time (steps already done are skipped)
-    report_file.write_text(json.dumps(report, indent=2, default=str))
+    # atomically: make runs this as a no-op prerequisite of jobs side by side (`make -j3` in CI)
+    tmp = report_file.with_name(f".{report_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, report_file)
     return report
 
 
@@ -270,7 +415,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="processes rendering the synthetic images (default: one per core; the same bytes)")
     p.add_argument("--quality", action="store_true",
                    help="build nothing: print the held-out quality of the world at --out (measure_quality)")
+    p.add_argument("--pretrain", action="store_true",
+                   help="pretrain the UNet, VAE and face backbone here (~13 min on 2 cores) instead of copying "
+                        "the shipped weights of --assets")
+    p.add_argument("--assets", type=Path, default=ASSETS,
+                   help="shipped pretrained weights, used when their manifest.json was made with these options "
+                        "(default: %(default)s)")
+    p.add_argument("--save-assets", type=Path, default=None, metavar="DIR",
+                   help="after building with --pretrain, write the pretrained parts and their manifest to DIR "
+                        "(what `make tiny-assets` does for assets/tiny)")
     a = p.parse_args(argv)
+    if a.save_assets and not a.pretrain:
+        p.error("--save-assets needs --pretrain (only weights pretrained here can be shipped)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -278,8 +434,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure_quality(a.out), indent=2))
         return
     report = build(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps, face_steps=a.face_steps,
-                   face_pooled_weight=a.face_pooled_weight, workers=a.workers)
+                   face_pooled_weight=a.face_pooled_weight, workers=a.workers, pretrain=a.pretrain,
+                   assets=a.assets)
     print(json.dumps(report, indent=2, default=str))
+    if a.save_assets:
+        command = "python -m src.tiny " + " ".join(argv if argv is not None else sys.argv[1:])
+        save_assets(a.out, a.save_assets, command)
 
 
 if __name__ == "__main__":

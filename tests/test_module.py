@@ -228,6 +228,29 @@ def test_routing_maps_are_one_hot_over_valid_identities(tiny_world):
         assert torch.all(hard[~batch["face_valid"]] == 0)
 
 
+def test_probes_sharing_their_encoder_outputs_give_the_same_figures(tiny_world):
+    """The probes run the frozen encoders once per batch (`probe_inputs`): identity_gap over several draws
+    equals the mean of single draws under the same generator, and routing_maps with shared inputs equals
+    routing_maps computing them itself, bit for bit; different draws give different losses."""
+    m = make_module(tiny_world, stage=2).eval()  # as the probes run it (training mode samples Gumbel noise)
+    with torch.no_grad():  # a trained-looking adapter: the untrained one gives own == other exactly
+        for p in adapters.faceid_parameters(m.unet).values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    batch = batch_from(tiny_world, multi=True)
+    own3, other3 = m.identity_gap(batch, generator=torch.Generator().manual_seed(5), draws=3)
+    g = torch.Generator().manual_seed(5)
+    single = [m.identity_gap(batch, generator=g) for _ in range(3)]
+    assert torch.equal(own3, torch.stack([s[0] for s in single]).mean(0))
+    assert torch.equal(other3, torch.stack([s[1] for s in single]).mean(0))
+    assert not torch.equal(single[0][0], single[1][0])  # each draw is new noise
+    inputs = m.probe_inputs(batch)
+    for t in (100, 700):
+        shared, alone = m.routing_maps(batch, t, seed=3, inputs=inputs), m.routing_maps(batch, t, seed=3)
+        assert shared["names"] == alone["names"]
+        for a, b in zip(shared["probs"], alone["probs"]):
+            assert torch.equal(a, b)
+
+
 def test_checkpoint_holds_adapters_only_and_round_trips(tiny_world, tmp_path):
     m = make_module(tiny_world, stage=2)
     with torch.no_grad():
