@@ -20,7 +20,7 @@ TRAIN_ARGS ?=
 # others waits on its own descheduled thread at every parallel region.
 CI_TRAIN_ARGS ?= --trainer.max_steps=200 --torch_threads=1
 
-.PHONY: install tiny tiny-assets demo train-tiny train-tiny-stage2 guard guard-control ci-tests ci-guard test \
+.PHONY: install lint tiny tiny-assets demo train-tiny train-tiny-stage2 guard guard-control ci-tests ci-guard test \
 	test-slow test-all bench eval clean
 
 install: $(VENV)/.installed  ## create .venv and install the project with pinned versions
@@ -30,6 +30,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel
 	$(VENV)/bin/pip install -e '.[dev]'
 	touch $@
+
+lint: install  ## ruff over the code (its settings: [tool.ruff] in pyproject.toml)
+	$(PY) -m ruff check src datamodules callbacks tests conftest.py
 
 tiny: install  ## embedded default: synthetic identity shards rendered here + the tiny pretrained parts of assets/tiny
 	$(PY) -m src.tiny --out $(TINY) --threads $(TINY_THREADS) $(if $(PRETRAIN),--pretrain)

@@ -21,7 +21,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
@@ -70,8 +69,9 @@ class IdentityMetrics(L.Callback):
     calibration_identities, calibration_renders: synthetic training identities (default syn_0..syn_7)
         and number of renders the tiny detector is calibrated on.
     clip_model, clip_checkpoint: an open_clip model for CLIP-I; None = the module's own CLIP tower.
-    Logged (to every logger, e.g. TensorBoard, at the current step): val_id/face_sim, val_id/no_face_rate, val_id/clip_i[_own_tower], and in stage 2
-    val_id/routing_acc (+ val_id/face_count_ok, val_id/duplicate_rate on multi-face samples).
+    Logged (to every logger, e.g. TensorBoard, at the current step): val_id/face_sim, val_id/no_face_rate,
+    val_id/clip_i[_own_tower], and in stage 2 val_id/routing_acc (+ val_id/face_count_ok,
+    val_id/duplicate_rate on multi-face samples).
     """
 
     def __init__(
@@ -146,7 +146,8 @@ class IdentityMetrics(L.Callback):
             if self.clip_checkpoint is not None:
                 from src.metrics import load_open_clip
 
-                model, preprocess, _ = load_open_clip(self.clip_model, self.clip_checkpoint, device=str(pl_module.device))
+                model, preprocess, _ = load_open_clip(self.clip_model, self.clip_checkpoint,
+                                                      device=str(pl_module.device))
                 self._clip = (model, preprocess, "val_id/clip_i")
             else:
                 own = OwnTowerClip(pl_module.identity.clip)  # read-only: the frozen CLIP tower

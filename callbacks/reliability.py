@@ -16,12 +16,11 @@ import csv
 import logging
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,8 @@ class ResumableRNG(L.Callback):
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         batches = int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
         seed_all(step_seed(self.seed, trainer.global_rank, trainer.global_step, batches))
 
@@ -179,7 +179,7 @@ class RunSettings(L.Callback):
             checkpoint[RUN_SETTINGS_KEY] = {"format": 1, "settings": dict(self.settings)}
 
 
-def read_run_settings(path: str | Path) -> Optional[dict[str, Any]]:
+def read_run_settings(path: str | Path) -> dict[str, Any] | None:
     """The `run_settings` entry of a checkpoint file (None if it has none); weights-only, memory-mapped load
     (the tensors are not read). An unreadable file raises ValueError naming `path`."""
     try:

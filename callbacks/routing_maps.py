@@ -30,7 +30,8 @@ def colourise(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.einsum("bnhw,nc->bchw", maps, pal).clamp(0, 1)
 
 
-def routing_panel(image: torch.Tensor, hard: list[torch.Tensor], masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def routing_panel(image: torch.Tensor, hard: list[torch.Tensor], masks: torch.Tensor,
+                  valid: torch.Tensor) -> torch.Tensor:
     """One row per image: the image, its face masks, then the routing map of each chosen layer
     (each blended 50/50 over the image). image (B,3,H,W) in [-1,1]; returns a (3, H', W') grid."""
     size = tuple(image.shape[-2:])

@@ -84,7 +84,8 @@ class FaceShardDataModule(pl.LightningDataModule):
             raise ValueError("data.cached_latents=true needs data.random_crop=false: the cached latents are of one "
                              "fixed crop per image (see datamodules/latent_cache.py)")
         if prefetch_factor is not None and (prefetch_factor < 1 or num_workers == 0):
-            raise ValueError(f"prefetch_factor={prefetch_factor} needs num_workers > 0 (got {num_workers}) and must be >= 1")
+            raise ValueError(f"prefetch_factor={prefetch_factor} needs num_workers > 0 (got {num_workers}) "
+                             "and must be >= 1")
         self.save_hyperparameters()
         self.train_shards = train_shards
         self.val_shards = val_shards

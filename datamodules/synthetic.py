@@ -453,7 +453,7 @@ class Lighting:
     gradient: float
 
     @classmethod
-    def draw(cls, rng: np.random.Generator) -> "Lighting":
+    def draw(cls, rng: np.random.Generator) -> Lighting:
         contrast, brightness = rng.uniform(0.75, 1.25), rng.uniform(0.75, 1.2)
         cast = rng.uniform(0.9, 1.1, 3).astype(np.float32)
         angle = rng.uniform(0, 2 * math.pi)
@@ -557,7 +557,8 @@ def render_sample(
         masks.append(box_to_mask(box, size, size))
         recog.append(align_face(source, lms * crop_scale, FACE_RECOG_SIZE))
         # Same field of view: at clip_size == 112 the CLIP crop is the recognition crop (one warp saved).
-        clip.append(recog[-1].copy() if clip_size == FACE_RECOG_SIZE else align_face(source, lms * crop_scale, clip_size))
+        clip.append(recog[-1].copy() if clip_size == FACE_RECOG_SIZE
+                    else align_face(source, lms * crop_scale, clip_size))
     return Sample(
         key=key, image=image, caption=caption_for(rng, len(params), bg_name), faces=faces,
         masks=np.stack(masks), recog=np.stack(recog), clip=np.stack(clip), source="synthetic",

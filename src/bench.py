@@ -10,8 +10,8 @@ baseline LoRA loop, both stages eager and compiled, batch 64 with gradient check
 from __future__ import annotations
 
 import argparse
-import os
 import datetime as dt
+import os
 import platform
 import resource
 import time
@@ -67,8 +67,8 @@ def time_steps(module, batch, steps: int, warmup: int = 2) -> float:
 def run(world: Path, batch_size: int, steps: int) -> list[dict]:
     from src.models.identity_encoder import FeatureCache
     from src.module import QFormerSpec, UniPortraitModule
-    from src.train import resolve_config
     from src.tiny import tiny_components
+    from src.train import resolve_config
 
     cfg = resolve_config(TINY_CONFIG)["model"]
     rows = []
@@ -98,11 +98,12 @@ def run(world: Path, batch_size: int, steps: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| stage | VAE latents | face/CLIP features | batch | faces/image | step (s) | samples/s | peak RSS (GB) |",
+    lines = ["| stage | VAE latents | face/CLIP features | batch | faces/image | step (s) | "
+             "samples/s | peak RSS (GB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['latents']} | {r['features']} | {r['batch']} | {r['faces']:.2f} | {r['step_s']:.3f} | "
-                     f"{r['samples_per_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+        lines.append(f"| {r['stage']} | {r['latents']} | {r['features']} | {r['batch']} | {r['faces']:.2f} | "
+                     f"{r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['peak_rss_gb']:.2f} |")
     return "\n".join(lines)
 
 
@@ -112,7 +113,8 @@ def record(rows: list[dict], doc: Path) -> None:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     head = (f"Measured {dt.date.today().isoformat()} on {platform.processor() or platform.machine()} "
-            f"({os.cpu_count()} cores, {gpu}; CPU run), {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, diffusers {diffusers.__version__}, "
+            f"({os.cpu_count()} cores, {gpu}; CPU run), {torch.get_num_threads()} torch thread(s), "
+            f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
             f"lightning {lightning.__version__}; tiny preset (configs/tiny/stage1.yaml), 64 px, fp32, "
             "full training step incl. frozen encoders; cached latents = read from the shards "
             "(`data.cached_latents`), no VAE encode; cached features = every face a hit of `model.feature_cache` "
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     if torch.cuda.is_available():
         from src import bench_sd15
 
-        bench_sd15.main(["--compile", "--big-batch", "64", "--doc", str(a.doc)] + (["--no-record"] if a.no_record else []))
+        bench_sd15.main(["--compile", "--big-batch", "64", "--doc", str(a.doc)]
+                        + (["--no-record"] if a.no_record else []))
     else:
         print("no CUDA device: the SD1.5-scale benchmark (python -m src.bench_sd15) was skipped")
 

@@ -95,7 +95,8 @@ def read_released(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     except Exception as err:  # UnpicklingError for code-executing pickles, anything else for junk
         raise ValueError(f"{path}: refused or unreadable with torch.load(weights_only=True): {err}") from err
     if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
-        raise ValueError(f"{path}: expected a dict of state dicts ('faceid_proj', 'faceid_adapter'), got {type(obj).__name__}")
+        raise ValueError(f"{path}: expected a dict of state dicts ('faceid_proj', 'faceid_adapter'), "
+                         f"got {type(obj).__name__}")
     unknown = sorted(set(obj) - {"faceid_proj", "faceid_adapter"})
     if unknown:
         raise KeyError(f"{path}: unexpected top-level keys {unknown} (expected 'faceid_proj', 'faceid_adapter')")
@@ -139,7 +140,8 @@ def released_key_map(unet: nn.Module, part: str) -> dict[str, str]:
                     mapping[f"{idx}.{n}"] = f"{name}.{n}"
         else:
             if proc.router is None:
-                raise ValueError(f"released_key_map: processor {idx} ({name}) has no router; call prepare_unet(multi=True)")
+                raise ValueError(f"released_key_map: processor {idx} ({name}) has no router; "
+                                 "call prepare_unet(multi=True)")
             for n, _ in proc.router.named_parameters():
                 mapping[f"{idx}.{n}"] = f"{name}.router.{n}"
     return mapping
@@ -174,7 +176,8 @@ def prepare_unet(unet: nn.Module, id_dim: int, num_tokens: int, lora_rank: int, 
     unet.requires_grad_(False)
 
 
-def id_embedding_from_state_dict(sd: dict[str, torch.Tensor], dim_head: int = 64, source: str = "<state dict>") -> IDEmbedding:
+def id_embedding_from_state_dict(sd: dict[str, torch.Tensor], dim_head: int = 64,
+                                 source: str = "<state dict>") -> IDEmbedding:
     """An eval-mode IDEmbedding whose shape is read off a ``faceid_proj`` state dict (not loaded yet).
 
     Widths, depth, queries and FFN multiplier come from the tensors; the head count is
@@ -210,7 +213,8 @@ def _check_lora_scaling(unet: nn.Module, adapter: str) -> None:
     """The released LoRA has no alpha: every layer of `adapter` must have scaling 1."""
     for name, module in unet.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.scaling and module.scaling[adapter] != 1.0:
-            raise ValueError(f"{name}: LoRA {adapter!r} has scaling {module.scaling[adapter]} (need lora_alpha == rank)")
+            raise ValueError(f"{name}: LoRA {adapter!r} has scaling {module.scaling[adapter]} "
+                             "(need lora_alpha == rank)")
 
 
 def _keys_message(path: Path, missing: list[str], unexpected: list[str], limit: int = 8) -> str:

@@ -49,8 +49,8 @@ from src import benchmark_prompts as bp
 from src.conventions import FACE_RECOG_SIZE, to_recog_pixels, uint8_to_unit
 from src.faces import NoFaceError, box_mask, load_rgb
 from src.generate import run_or_exit
-from src.models import adapters
 from src.metrics import ClipScore, FaceSimilarity, RoutingAccuracy, greedy_match, image_face_score
+from src.models import adapters
 from src.recognizers import FaceRecognizer, build_recognizer, check_image, sort_largest_first
 
 log = logging.getLogger("src.evaluate")
@@ -317,7 +317,7 @@ def synthetic_reference(k: int, size: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def synthetic_identities(
-    manifest: dict, k: int | None, recognizer: "SyntheticFaceRecognizer", size: int, save_dir: Path | None = None
+    manifest: dict, k: int | None, recognizer: SyntheticFaceRecognizer, size: int, save_dir: Path | None = None
 ) -> list[BenchIdentity]:
     """Held-out synthetic identities (manifest "unseen"), at most 15, `k` of them spread over the list."""
     from datamodules.synthetic import manifest_identities
@@ -567,7 +567,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines += [f"## Single-ID ({single['num_identities']} identities x {single['num_prompts']} prompts x "
                   f"{cfg['images']} images = {single['num_images']} images)", ""]
         lines += markdown_table("single", single, label, results["recognizer"]) + [""]
-        lines += ["Face Sim by prompt category: " + ", ".join(f"{k} {v:.1f}" for k, v in single["per_category"].items()),
+        lines += ["Face Sim by prompt category: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in single["per_category"].items()),
                   ""]
     multi = results.get("multi")
     if multi and "skipped" in multi:
@@ -584,7 +585,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     calib = results.get("recognizer_calibration")
     if calib:
         lines += [f"Synthetic face detector, on its own calibration renders: face-window recall "
-                  f"{100 * calib['face_window_recall']:.0f}%, background rejection {100 * calib['background_rejection']:.0f}%, "
+                  f"{100 * calib['face_window_recall']:.0f}%, "
+                  f"background rejection {100 * calib['background_rejection']:.0f}%, "
                   f"right face count {100 * calib['face_count_accuracy_on_calibration_renders']:.0f}% "
                   "(an upper bound on how far face counts and routing accuracy can be trusted here).", ""]
     lines += ["Rows marked *published* are the numbers printed in the UniPortrait paper, not measured here.", ""]
@@ -650,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recognizer", choices=("auto", "tiny", "dlib", "facenet"), default="auto",
                    help="face recogniser of Face Sim; auto = tiny (synthetic) or dlib (real)")
     g.add_argument("--facenet-weights", type=Path, default=None,
-                   help="local InceptionResnetV1 VGGFace2 weights (20180402-114759-vggface2.pt) for --recognizer facenet")
+                   help="local InceptionResnetV1 VGGFace2 weights (20180402-114759-vggface2.pt) "
+                        "for --recognizer facenet")
     g.add_argument("--calibration-renders", type=int, default=12,
                    help="synthetic images the tiny recogniser's face detector is calibrated on (default 12)")
     g.add_argument("--clip-model", default=None, help="open_clip architecture of --clip-checkpoint (paper: ViT-L-14)")
@@ -667,11 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--multi-prompts", type=int, default=None, help="use P of the 21 multi-ID prompts")
     g.add_argument("--pairs", type=int, default=None,
                    help="use M of the identity pairs (spread evenly); default all (105), 21 in the synthetic world")
-    g.add_argument("--images", type=int, default=None, help="images per (identity, prompt); default 4 (real), 1 (synthetic)")
+    g.add_argument("--images", type=int, default=None,
+                   help="images per (identity, prompt); default 4 (real), 1 (synthetic)")
     g = p.add_argument_group("generation")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default 25 real, 10 synthetic)")
     g.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5 real, 3.0 synthetic)")
-    g.add_argument("--face-scale", type=float, default=None, help="face-ID attention scale (default 0.7 real, 1.0 synthetic)")
+    g.add_argument("--face-scale", type=float, default=None,
+                   help="face-ID attention scale (default 0.7 real, 1.0 synthetic)")
     g.add_argument("--structure-scale", type=float, default=None,
                    help="face structure scale beta (default 0.1 single / 0.3 multi)")
     g.add_argument("--scheduler", default="ddim", help="sampler (default ddim)")
@@ -854,7 +859,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if protocol == "multi" and multi_skip:
                 results["multi"] = {"skipped": multi_skip}
             continue
-        fid = compute_fid(s.fid_images, a.fid_reference, fid_feature, a.fid_weights) if fid_feature is not None else None
+        fid = (compute_fid(s.fid_images, a.fid_reference, fid_feature, a.fid_weights)
+               if fid_feature is not None else None)
         summary = s.summary(fid)
         summary["num_prompts"] = n_prompts
         summary["num_identities" if protocol == "single" else "num_pairs"] = n_items
@@ -871,7 +877,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for protocol in ("single", "multi"):
         r = results.get(protocol)
         if r and "skipped" not in r:
-            print(f"{protocol}-ID: Face Sim {r['face_sim']:.1f}% over {r['num_images']} images ({results['recognizer']})")
+            print(f"{protocol}-ID: Face Sim {r['face_sim']:.1f}% over {r['num_images']} images "
+                  f"({results['recognizer']})")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
     return results
 

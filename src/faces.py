@@ -59,12 +59,12 @@ class DetectedFace:
         """The box's shorter side in pixels (what `min_size` filters on)."""
         return min(self.width, self.height)
 
-    def shifted(self, dx: float, dy: float) -> "DetectedFace":
+    def shifted(self, dx: float, dy: float) -> DetectedFace:
         """The same face with coordinates translated by (dx, dy)."""
         off = np.array([dx, dy], dtype=np.float32)
         return DetectedFace(self.box + np.tile(off, 2), self.landmarks + off, self.prob)
 
-    def clipped(self, h: int, w: int) -> "DetectedFace":
+    def clipped(self, h: int, w: int) -> DetectedFace:
         """The same face with its box clipped to an (h, w) image (landmarks untouched)."""
         box = np.clip(self.box, 0, [w, h, w, h]).astype(np.float32)
         return DetectedFace(box, self.landmarks, self.prob)

@@ -51,8 +51,8 @@ class Figure:
     detail: str = ""
 
     def line(self) -> str:
-        return (f"[guard] {'ok  ' if self.passed else 'FAIL'} {self.name}: {self.value:.4f} (required {self.threshold}; "
-                f"{self.detail}{'; ' if self.detail else ''}{self.source})")
+        return (f"[guard] {'ok  ' if self.passed else 'FAIL'} {self.name}: {self.value:.4f} "
+                f"(required {self.threshold}; {self.detail}{'; ' if self.detail else ''}{self.source})")
 
 
 def read_section(path: Path, section: str) -> dict[str, Any]:
@@ -61,7 +61,8 @@ def read_section(path: Path, section: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no report (run `make demo` and `python -m src.guard control` first)")
     report = json.loads(path.read_text())
     if section not in report:
-        raise KeyError(f"{path}: no section {section!r} (sections: {sorted(report)}); was the run's callback configured?")
+        raise KeyError(f"{path}: no section {section!r} (sections: {sorted(report)}); "
+                       "was the run's callback configured?")
     return report[section]
 
 

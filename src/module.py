@@ -104,7 +104,7 @@ class UniPortraitModule(L.LightningModule):
         components: ComponentPaths,
         stage: int = 1,
         lora_rank: int = 128,
-        qformer: QFormerSpec = QFormerSpec(),
+        qformer: QFormerSpec = QFormerSpec(),  # noqa: B008 (never mutated; LightningCLI reads this default)
         lr: float = 1e-5,
         lora_lr_scale: float = 1.0,
         id_embedding_lr_scale: float = 1.0,
@@ -205,7 +205,7 @@ class UniPortraitModule(L.LightningModule):
         self.stage = stage
         self.train(self.training)  # re-apply eval mode to whatever is frozen now
 
-    def train(self, mode: bool = True) -> "UniPortraitModule":
+    def train(self, mode: bool = True) -> UniPortraitModule:
         super().train(mode)
         for frozen in (self.vae, self.text_encoder):
             frozen.eval()
@@ -315,7 +315,8 @@ class UniPortraitModule(L.LightningModule):
     def _sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None):
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         t = torch.randint(
-            0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
+            0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+            device=latents.device,
         )
         return noise, t, self.scheduler.add_noise(latents, noise, t)
 
@@ -446,7 +447,8 @@ class UniPortraitModule(L.LightningModule):
         noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
         t = torch.as_tensor(timesteps, device=self.device).long().expand(latents.shape[0])
         record = RoutingRecord()
-        self._denoise(self.scheduler.add_noise(latents, noise, t), t, text, self._context(tokens, valid, latents, record))
+        self._denoise(self.scheduler.add_noise(latents, noise, t), t, text,
+                      self._context(tokens, valid, latents, record))
         self.train(was_training)
         return {"names": list(record.names), "hard": list(record.hard), "probs": list(record.probs),
                 "masks": batch["face_masks"], "valid": valid}

@@ -102,13 +102,13 @@ class Identity:
     """
 
     references: list[ImageLike] = field(default_factory=list)
-    mix: list[tuple["Identity", float]] = field(default_factory=list)
+    mix: list[tuple[Identity, float]] = field(default_factory=list)
     crops: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_crops(
-        cls, recog: Any, clip: Any | None = None, mix: Sequence[tuple["Identity", float]] = ()
-    ) -> "Identity":
+        cls, recog: Any, clip: Any | None = None, mix: Sequence[tuple[Identity, float]] = ()
+    ) -> Identity:
         """Already aligned crops (tensor in [-1, 1] or uint8 arrays; see `_as_crop_batch`).
 
         clip=None uses the recognition crop for both branches (each is resized to its branch's size).
@@ -174,14 +174,14 @@ class UniPortraitPipeline:
     @classmethod
     def from_components(
         cls, components: Components, id_embedding: IDEmbedding, controlnet: ControlNetModel | None = None
-    ) -> "UniPortraitPipeline":
+    ) -> UniPortraitPipeline:
         """Networks already built; the UNet carries the face-ID processors and LoRA(s) with weights."""
         return cls(components, id_embedding, controlnet)
 
     @classmethod
     def from_checkpoint(
         cls, components: ComponentPaths, checkpoint: str | Path, controlnet: ControlNetModel | None = None
-    ) -> "UniPortraitPipeline":
+    ) -> UniPortraitPipeline:
         """Base networks from `components`, adapters from our ``.ckpt`` or its ``.safetensors`` export."""
         ck = convert.read_checkpoint(checkpoint)
         nets = components.build()
@@ -208,11 +208,12 @@ class UniPortraitPipeline:
         router_path: str | Path | None = None,
         controlnet: ControlNetModel | None = None,
         dim_head: int = 64,
-    ) -> "UniPortraitPipeline":
+    ) -> UniPortraitPipeline:
         """Base networks from `components`, adapters from the released files (weights_only)."""
         sections = convert.read_released(faceid_path)
         if "faceid_proj" not in sections or "faceid_adapter" not in sections:
-            raise KeyError(f"{faceid_path}: expected sections 'faceid_proj' and 'faceid_adapter', got {sorted(sections)}")
+            raise KeyError(f"{faceid_path}: expected sections 'faceid_proj' and 'faceid_adapter', "
+                           f"got {sorted(sections)}")
         embedding = convert.id_embedding_from_state_dict(sections["faceid_proj"], dim_head, source=str(faceid_path))
         rank = convert.released_lora_rank(sections["faceid_adapter"], str(faceid_path))
         nets = components.build()
@@ -226,7 +227,7 @@ class UniPortraitPipeline:
     def device(self) -> torch.device:
         return self.pipe.unet.device
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "UniPortraitPipeline":
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> UniPortraitPipeline:
         """Move every network (and cast to `dtype` when given)."""
         self.pipe.to(device=device, dtype=dtype)
         self.identity.to(device=device, dtype=dtype)

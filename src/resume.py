@@ -12,7 +12,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 from jsonargparse import Namespace
@@ -100,7 +100,7 @@ def run_settings(config: Namespace, trainer: L.Trainer) -> dict[str, Any]:
     return out
 
 
-def lightning_resume_path(trainer: L.Trainer, ckpt_path: Optional[str] = None) -> Optional[str]:
+def lightning_resume_path(trainer: L.Trainer, ckpt_path: str | None = None) -> str | None:
     """The checkpoint file `trainer.fit(ckpt_path=ckpt_path)` restores, chosen by Lightning's own rule.
 
     With `ckpt_path=None`, Lightning 2.6 resumes without being asked: from the newest `hpc_ckpt_<n>.ckpt` in
@@ -123,7 +123,7 @@ def _show(value: Any) -> str:
     return value if value == NOT_SET else json.dumps(value, default=str)
 
 
-def _differences(path: str, settings: dict[str, Any]) -> tuple[Optional[str], list[str]]:
+def _differences(path: str, settings: dict[str, Any]) -> tuple[str | None, list[str]]:
     """(why the stored settings cannot be compared, or None; one "key: old -> new" line per difference)."""
     entry = read_run_settings(path)
     if entry is None or entry.get("settings") is None:
@@ -138,7 +138,7 @@ def _info(message: str, warning: bool = False) -> None:
         (log.warning if warning else log.info)(message)
 
 
-def choose_resume(trainer: L.Trainer, ckpt_path: Optional[str], settings: dict[str, Any]) -> Optional[str]:
+def choose_resume(trainer: L.Trainer, ckpt_path: str | None, settings: dict[str, Any]) -> str | None:
     """The `ckpt_path` to give `trainer.fit`: explicit or safe resuming (see docs/running_at_scale.md).
 
     - `ckpt_path` given: resume as asked (a warning lists the settings that differ from the checkpoint's).

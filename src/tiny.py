@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
@@ -193,7 +192,8 @@ def pretrain_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 32, lr
     vae.eval()
     loss = loss.detach()
     with torch.no_grad():
-        lat = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, min(len(images), 512), 64)])
+        lat = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode()
+                         for i in range(0, min(len(images), 512), 64)])
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
     return float(loss)
 

@@ -25,8 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
 
 from callbacks.reliability import RunSettings
-from src.resume import (ResumeSettingsError, choose_resume, model_settings, run_settings,
-                        warn_replaced_model_settings)
+from src.resume import ResumeSettingsError, choose_resume, model_settings, run_settings, warn_replaced_model_settings
 
 INHERITS = "inherits"
 
@@ -83,7 +82,7 @@ class UniPortraitCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
-            "--torch_threads", type=Optional[PositiveInt], default=None,
+            "--torch_threads", type=Optional[PositiveInt], default=None,  # noqa: UP045 (jsonargparse runtime type)
             help="torch.set_num_threads() for the training process (None: OMP_NUM_THREADS / torch's choice)",
         )
 
@@ -112,8 +111,8 @@ class UniPortraitCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Run the CLI (tests call `main([...])` with the same arguments a user types)."""
-    from src.module import UniPortraitModule  # noqa: F401  (import here keeps --help fast to fail)
     from datamodules.datamodule import FaceShardDataModule  # noqa: F401
+    from src.module import UniPortraitModule  # noqa: F401  (import here keeps --help fast to fail)
 
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if args is None else args)

@@ -39,7 +39,8 @@ def test_guard_passes_learned_runs_and_names_each_figure_that_misses(tmp_path, c
     captured = capsys.readouterr()
     assert captured.out.count("[guard] FAIL") == 2 + 4 + 4
     assert "stage 1 identity gap, seen identities, in standard errors" in captured.err
-    assert "required >= 3" in captured.err and "control (lambda = 0) routing accuracy t<250, unseen/3faces" in captured.err
+    assert ("required >= 3" in captured.err
+            and "control (lambda = 0) routing accuracy t<250, unseen/3faces" in captured.err)
     assert "required in [0.253, 0.413]" in captured.err
 
     _write(tmp_path, gap=8e-4, se=1e-4, routed=(0.83, 0.66), control=(0.50, 0.33))
@@ -58,7 +59,8 @@ def test_control_config_is_stage2_without_routing_loss_in_its_own_folder():
     control = guard.control_config(stage2, "stage2_lambda0")
     assert control["model"]["routing_lambda"] == 0.0 and stage2["model"]["routing_lambda"] > 0
     assert control["trainer"]["logger"]["init_args"]["name"] == "stage2_lambda0"
-    dirs = [cb["init_args"]["dirpath"] for cb in control["trainer"]["callbacks"] if "dirpath" in cb.get("init_args", {})]
+    dirs = [cb["init_args"]["dirpath"] for cb in control["trainer"]["callbacks"]
+            if "dirpath" in cb.get("init_args", {})]
     assert dirs and all(d.startswith("runs/tiny/stage2_lambda0/") for d in dirs)
     # everything else is stage 2's: same start, data, steps and report splits
     for key in ("init_from", "lr", "stage"):
@@ -71,14 +73,17 @@ def test_seed_config_moves_every_stage_and_the_hand_over_to_its_own_folder():
     stage2 = resolve_config(ROOT / "configs" / "tiny" / "stage2.yaml")
     s1, s2 = (guard.seed_config(c, 7, Path("runs/seed7")) for c in (stage1, stage2))
     for cfg, orig in ((s1, stage1), (s2, stage2)):
-        seeds = [cb["init_args"]["seed"] for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("ResumableRNG")]
+        seeds = [cb["init_args"]["seed"] for cb in cfg["trainer"]["callbacks"]
+                 if cb["class_path"].endswith("ResumableRNG")]
         assert seeds == [7] and orig is not cfg
         assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == "runs/seed7"
-        dirs = [cb["init_args"]["dirpath"] for cb in cfg["trainer"]["callbacks"] if "dirpath" in cb.get("init_args", {})]
+        dirs = [cb["init_args"]["dirpath"] for cb in cfg["trainer"]["callbacks"]
+                if "dirpath" in cb.get("init_args", {})]
         name = cfg["trainer"]["logger"]["init_args"]["name"]
         assert dirs and all(d.startswith(f"runs/seed7/{name}/") for d in dirs)
         assert cfg["seed_everything"] == 7 and cfg["data"]["seed"] == 7 and orig["data"].get("seed", 0) == 0
-        assert {k: v for k, v in cfg["data"].items() if k != "seed"} == {k: v for k, v in orig["data"].items() if k != "seed"}
+        assert ({k: v for k, v in cfg["data"].items() if k != "seed"}
+                == {k: v for k, v in orig["data"].items() if k != "seed"})
     assert s2["model"]["init_from"] == "runs/seed7/stage1/checkpoints/last.ckpt"  # stage 2 starts from seed 7's stage 1
     assert stage2["model"]["init_from"] == "runs/tiny/stage1/checkpoints/last.ckpt"  # the original is untouched
     control = guard.control_config(s2, "stage2_lambda0")

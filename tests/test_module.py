@@ -192,7 +192,8 @@ def test_condition_dropout_uses_the_unconditional_branch(module, tiny_world):
     batch = batch_from(tiny_world)
     valid = batch["face_valid"]
     keep = module.identity_tokens(batch["face_recog"], batch["face_clip"], valid)
-    drop_all = module.identity_tokens(batch["face_recog"], batch["face_clip"], valid, drop=torch.ones(4, dtype=torch.bool))
+    drop_all = module.identity_tokens(batch["face_recog"], batch["face_clip"], valid,
+                                      drop=torch.ones(4, dtype=torch.bool))
     uncond = module.identity.uncond_tokens(1)
     assert not torch.allclose(keep, drop_all)
     # every dropped face gets exactly the unconditional tokens, whatever its image

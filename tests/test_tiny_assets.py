@@ -61,7 +61,8 @@ def test_the_default_build_uses_the_shipped_weights_and_they_fit_the_tiny_archit
     face = IRBackbone(18, presets.TINY_FACE_WIDTHS, presets.TINY_FACE_EMBEDDING)
     face.load_state_dict(load_file(tiny.ASSETS / "face_backbone.safetensors"), strict=True)
     # pretrained, not freshly initialised: the shipped figures say the backbone learned the identities
-    assert manifest["report"]["face_backbone"]["after"] > manifest["report"]["face_backbone"]["new_render_accuracy_before"]
+    assert (manifest["report"]["face_backbone"]["after"]
+            > manifest["report"]["face_backbone"]["new_render_accuracy_before"])
 
 
 def test_a_build_with_the_assets_options_copies_them_without_pretraining(tiny_world, tmp_path, monkeypatch):

@@ -22,7 +22,8 @@ Preprocess = Callable[[Image.Image], Tensor]  # PIL image -> (3, S, S) normalise
 Tokenizer = Callable[[list[str]], Tensor]  # texts -> (B, L) token ids
 
 
-def load_open_clip(model_name: str, checkpoint: str | Path, device: str = "cpu") -> tuple[nn.Module, Preprocess, Tokenizer]:
+def load_open_clip(model_name: str, checkpoint: str | Path,
+                   device: str = "cpu") -> tuple[nn.Module, Preprocess, Tokenizer]:
     """(model in eval mode, eval preprocess, tokenizer) for an open_clip architecture name (e.g.
     "ViT-L-14") with weights from a local open_clip checkpoint (.bin / .pt state dict or .safetensors).
 
@@ -46,7 +47,8 @@ def default_preprocess(model: nn.Module) -> Preprocess:
 
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     size = cfg.get("size", model.visual.image_size)
-    return open_clip.image_transform(size, is_train=False, mean=cfg.get("mean", CLIP_MEAN), std=cfg.get("std", CLIP_STD))
+    return open_clip.image_transform(size, is_train=False, mean=cfg.get("mean", CLIP_MEAN),
+                                     std=cfg.get("std", CLIP_STD))
 
 
 class ClipScore(Metric):

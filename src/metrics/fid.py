@@ -45,7 +45,7 @@ class TorchvisionInceptionFeatures(nn.Module):
         net.aux_logits, net.AuxLogits = False, None
         self.net = net.eval()
 
-    def train(self, mode: bool = True) -> "TorchvisionInceptionFeatures":
+    def train(self, mode: bool = True) -> TorchvisionInceptionFeatures:
         return super().train(False)
 
     @torch.no_grad()
@@ -99,7 +99,8 @@ def fid_metric(
             feature=feature_extractor.eval(), normalize=True, input_img_size=input_img_size, **kwargs
         )
     if feature_extractor not in FID_FEATURE_DIMS:
-        raise ValueError(f"feature_extractor must be an nn.Module or one of {FID_FEATURE_DIMS}, got {feature_extractor!r}")
+        raise ValueError(f"feature_extractor must be an nn.Module or one of {FID_FEATURE_DIMS}, "
+                         f"got {feature_extractor!r}")
     if not torch_fidelity_available():
         raise ModuleNotFoundError(
             "FID with the Inception network needs torch-fidelity, which is not installed; install it "

@@ -34,7 +34,8 @@ def routing_hits(hard_maps: Tensor, masks: Tensor, valid: Tensor) -> tuple[Tenso
     """
     if hard_maps.shape[:2] != masks.shape[:2] or valid.shape != hard_maps.shape[:2]:
         raise ValueError(
-            f"shape mismatch: hard_maps {tuple(hard_maps.shape)}, masks {tuple(masks.shape)}, valid {tuple(valid.shape)}"
+            f"shape mismatch: hard_maps {tuple(hard_maps.shape)}, masks {tuple(masks.shape)}, "
+            f"valid {tuple(valid.shape)}"
         )
     covered = resize_masks(masks, tuple(hard_maps.shape[-2:])) & valid[:, :, None, None]  # (B, N, h, w)
     scores = hard_maps.float().masked_fill(~valid[:, :, None, None], -1.0)  # invalid slots never win

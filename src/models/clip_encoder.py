@@ -95,7 +95,7 @@ class ClipPatchEncoder(nn.Module):
     @classmethod
     def from_open_clip(
         cls, checkpoint: str | Path, model_name: str = "ViT-H-14", model_kwargs: dict[str, Any] | None = None
-    ) -> "ClipPatchEncoder":
+    ) -> ClipPatchEncoder:
         """Built-in open_clip model ``model_name`` with weights from a local full-CLIP checkpoint file.
 
         ``model_kwargs`` override the built-in config (e.g. ``embed_dim``/``vision_cfg``/``text_cfg``),
@@ -119,7 +119,7 @@ class ClipPatchEncoder(nn.Module):
         embed_dim: int,
         checkpoint: str | Path | None = None,
         quick_gelu: bool = False,
-    ) -> "ClipPatchEncoder":
+    ) -> ClipPatchEncoder:
         """Custom open_clip vision tower (e.g. the tiny preset's), optionally with weights.
 
         Args:
@@ -146,7 +146,7 @@ class ClipPatchEncoder(nn.Module):
         return cls(tower)
 
     @classmethod
-    def from_transformers(cls, directory: str | Path) -> "ClipPatchEncoder":
+    def from_transformers(cls, directory: str | Path) -> ClipPatchEncoder:
         """A ``CLIPVisionModelWithProjection.save_pretrained`` directory (e.g. IP-Adapter's image_encoder)."""
         from transformers import CLIPVisionModelWithProjection
 
@@ -175,7 +175,7 @@ class ClipPatchEncoder(nn.Module):
     def num_patches(self) -> int:
         return self.grid * self.grid
 
-    def train(self, mode: bool = True) -> "ClipPatchEncoder":
+    def train(self, mode: bool = True) -> ClipPatchEncoder:
         """The tower stays in eval mode (frozen encoder); only the wrapper's flag changes."""
         super().train(mode)
         self.tower.eval()

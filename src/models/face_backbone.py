@@ -157,7 +157,7 @@ class IRBackbone(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def train(self, mode: bool = True) -> "IRBackbone":
+    def train(self, mode: bool = True) -> IRBackbone:
         """As nn.Module.train, except that a frozen backbone stays in eval mode (fixed BN statistics)."""
         return super().train(mode and not self.frozen)
 

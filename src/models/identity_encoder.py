@@ -88,7 +88,7 @@ class IdentityEncoder(nn.Module):
         self.embedding = embedding
         self.cache = cache
 
-    def train(self, mode: bool = True) -> "IdentityEncoder":
+    def train(self, mode: bool = True) -> IdentityEncoder:
         super().train(mode)
         self.face.eval()  # frozen parts stay in eval mode (BatchNorm statistics, dropout)
         self.clip.eval()

@@ -158,7 +158,8 @@ def make_celeba(root: Path, n_eval: int = 3) -> dict[str, dict]:
     save_jpeg(img_dir / "200001.jpg", coffee)
     h, w = coffee.shape[:2]
     # Five plausible landmark positions in the middle of the image (x, y): eyes, nose, mouth.
-    lm = np.array([[0.4 * w, 0.4 * h], [0.6 * w, 0.4 * h], [0.5 * w, 0.5 * h], [0.42 * w, 0.6 * h], [0.58 * w, 0.6 * h]])
+    lm = np.array([[0.4 * w, 0.4 * h], [0.6 * w, 0.4 * h], [0.5 * w, 0.5 * h],
+                   [0.42 * w, 0.6 * h], [0.58 * w, 0.6 * h]])
     lm = np.round(lm).astype(int)
     expected["200001.jpg"] = {"identity": "99", "outcome": "kept", "landmarks": lm.tolist()}
     save_jpeg(img_dir / "200002.jpg", faceless("rocket"))

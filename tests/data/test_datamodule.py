@@ -86,7 +86,8 @@ def test_stage2_padding_and_validity(data: dict) -> None:
     for b in batches(dm.train_dataloader()):
         n_max = b["face_valid"].shape[1]
         assert n_max == int(b["num_faces"].max())
-        assert b["face_recog"].shape[:2] == b["face_clip"].shape[:2] == b["face_masks"].shape[:2] == (len(b["key"]), n_max)
+        assert (b["face_recog"].shape[:2] == b["face_clip"].shape[:2] == b["face_masks"].shape[:2]
+                == (len(b["key"]), n_max))
         for i, key in enumerate(b["key"]):
             n = int(b["num_faces"][i])
             counts.append(n)
@@ -114,12 +115,22 @@ def write_corrupt_shard(path: Path, good: list[Sample]) -> int:
     """A shard mixing good samples with 6 bad ones; returns the number of bad samples."""
     bad = []
     enc = [encode_sample(s) for s in good[:6]]
-    t = dict(enc[0], __key__="bad_truncated"); t["jpg"] = t["jpg"][: len(t["jpg"]) // 3]; bad.append(t)
-    t = dict(enc[1], __key__="bad_notimage"); t["jpg"] = b"this is not an image"; bad.append(t)
-    t = dict(enc[2], __key__="bad_json"); t["faces.json"] = b"{not json"; bad.append(t)
-    t = dict(enc[3], __key__="bad_nocaption"); del t["txt"]; bad.append(t)
+    t = dict(enc[0], __key__="bad_truncated")
+    t["jpg"] = t["jpg"][: len(t["jpg"]) // 3]
+    bad.append(t)
+    t = dict(enc[1], __key__="bad_notimage")
+    t["jpg"] = b"this is not an image"
+    bad.append(t)
+    t = dict(enc[2], __key__="bad_json")
+    t["faces.json"] = b"{not json"
+    bad.append(t)
+    t = dict(enc[3], __key__="bad_nocaption")
+    del t["txt"]
+    bad.append(t)
     t = dict(enc[4], __key__="bad_box")
-    meta = json.loads(t["faces.json"]); meta["faces"][0]["box"] = [1.0, 2.0]; t["faces.json"] = json.dumps(meta).encode()
+    meta = json.loads(t["faces.json"])
+    meta["faces"][0]["box"] = [1.0, 2.0]
+    t["faces.json"] = json.dumps(meta).encode()
     bad.append(t)
     h, w = good[0].image.shape[:2]
     noface = Sample(key="bad_noface", image=good[0].image, caption="x", faces=[], masks=np.zeros((0, h, w), np.uint8),

@@ -16,7 +16,6 @@ from datamodules.schema import REQUIRED_KEYS, Sample, decode_sample
 from src.faces import box_mask
 from tests.data import fixtures
 
-
 # ----------------------------------------------------------------------------------------------
 # helpers
 
@@ -59,7 +58,8 @@ def check_sample_geometry(s: Sample, clip_size: int = 224) -> None:
     """Every face has a mask equal to its box, aligned crops of the right shapes, landmarks in frame."""
     h, w = s.image.shape[:2]
     n = len(s.faces)
-    assert s.masks.shape == (n, h, w) and s.recog.shape == (n, 112, 112, 3) and s.clip.shape == (n, clip_size, clip_size, 3)
+    assert (s.masks.shape == (n, h, w) and s.recog.shape == (n, 112, 112, 3)
+            and s.clip.shape == (n, clip_size, clip_size, 3))
     for i, f in enumerate(s.faces):
         assert np.array_equal(s.masks[i], box_mask(h, w, f.box))
         lm = np.asarray(f.landmarks)
@@ -77,7 +77,8 @@ def folder_run(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("folder")
     expected = fixtures.make_folder(root / "photos")
-    captions = write_jsonl(root / "captions.jsonl", [{"key": "astronaut/a1.jpg", "caption": "an astronaut in a white suit"}])
+    captions = write_jsonl(root / "captions.jsonl",
+                           [{"key": "astronaut/a1.jpg", "caption": "an astronaut in a white suit"}])
     out = root / "out"
     argv = ["--input", str(root / "photos"), "--format", "folder", "--out", str(out), "--captions", str(captions),
             "--samples-per-shard", "3"]
@@ -268,7 +269,8 @@ def test_help_documents_the_cli(capsys):
         prep.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for word in ("--format", "folder", "wds", "celeba", "--captions", "--min-face-size", "manifest.json", "too_many_faces"):
+    for word in ("--format", "folder", "wds", "celeba", "--captions", "--min-face-size", "manifest.json",
+                 "too_many_faces"):
         assert word in text
 
 
@@ -286,7 +288,8 @@ def test_select_faces_reasons_in_order():
     def face(size: float, prob: float) -> DetectedFace:
         return DetectedFace(np.array([0, 0, size, size], np.float32), np.zeros((5, 2), np.float32), prob)
 
-    cfg = prep.PrepareConfig(input=".", format="folder", out=".", min_faces=1, max_faces=1, min_face_size=32, min_prob=0.9)
+    cfg = prep.PrepareConfig(input=".", format="folder", out=".", min_faces=1, max_faces=1, min_face_size=32,
+                             min_prob=0.9)
     assert prep.select_faces([], cfg)[1] == "no_face"
     assert prep.select_faces([face(100, 0.5)], cfg)[1] == "low_confidence"
     assert prep.select_faces([face(20, 0.99)], cfg)[1] == "too_small"

@@ -11,8 +11,17 @@ import webdataset as wds
 
 from datamodules.schema import IMAGE_KEYS, REQUIRED_KEYS, decode_sample
 from datamodules.synthetic import (
-    CANVAS_OFFSET, FaceCache, SyntheticConfig, box_to_mask, face_width_range, generate, identity_params, main,
-    render_canonical, render_identity_crops, render_sample,
+    CANVAS_OFFSET,
+    FaceCache,
+    SyntheticConfig,
+    box_to_mask,
+    face_width_range,
+    generate,
+    identity_params,
+    main,
+    render_canonical,
+    render_identity_crops,
+    render_sample,
 )
 from src.alignment import align_face, template
 from src.conventions import ARCFACE_TEMPLATE_112
@@ -139,13 +148,16 @@ def test_aligned_crop_puts_eyes_on_the_template() -> None:
     """Geometry by construction: the drawn pupils land on the template's eye points after alignment."""
     cache = FaceCache()
     for i in range(6):
-        s = render_sample(np.random.default_rng(i), [i], 192, 112, "k", cache, crop_scale=1)  # large: pupils are several px
+        # large: pupils are several px
+        s = render_sample(np.random.default_rng(i), [i], 192, 112, "k", cache, crop_scale=1)
         crop = align_face(s.image, np.asarray(s.faces[0].landmarks), 112)
         for eye in ARCFACE_TEMPLATE_112[:2]:
-            assert np.linalg.norm(_dark_centroid(crop, eye) - eye) < 1.0  # measured ~0.3 px; a 2.5 px landmark shift gives ~2.5
+            # measured ~0.3 px; a 2.5 px landmark shift gives ~2.5
+            assert np.linalg.norm(_dark_centroid(crop, eye) - eye) < 1.0
         # and the whole aligned face matches the canonical drawing (no shift/rotation/scale error)
         canon = render_canonical(identity_params(i), px=1)
-        ref = np.asarray(canon.rgb)[int(CANVAS_OFFSET): int(CANVAS_OFFSET) + 112, int(CANVAS_OFFSET): int(CANVAS_OFFSET) + 112]
+        ref = np.asarray(canon.rgb)[int(CANVAS_OFFSET): int(CANVAS_OFFSET) + 112,
+                                    int(CANVAS_OFFSET): int(CANVAS_OFFSET) + 112]
         a = crop[30:100, 25:90].astype(np.float64).ravel()
         corr_here = np.corrcoef(a, ref[30:100, 25:90].astype(np.float64).ravel())[0, 1]
         corr_shift = np.corrcoef(a, ref[33:103, 28:93].astype(np.float64).ravel())[0, 1]

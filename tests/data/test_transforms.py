@@ -24,7 +24,8 @@ def painted_sample(h: int, w: int, boxes: list[list[float]]) -> Sample:
         faces.append(Face(box=list(box), landmarks=lms, identity=f"id{len(faces)}"))
         masks.append(m)
     n = len(faces)
-    return Sample(key="k", image=img, caption="c", faces=faces, masks=np.stack(masks) if n else np.zeros((0, h, w), np.uint8),
+    return Sample(key="k", image=img, caption="c", faces=faces,
+                  masks=np.stack(masks) if n else np.zeros((0, h, w), np.uint8),
                   recog=np.zeros((n, 112, 112, 3), np.uint8), clip=np.zeros((n, 112, 112, 3), np.uint8))
 
 
@@ -50,7 +51,8 @@ def check_consistent(out: Sample, res: int) -> None:
 def test_random_crop_keeps_faces_in_frame(shape: tuple[int, int]) -> None:
     h, w = shape
     sd, dx, dy = min(h, w), (w - min(h, w)) // 3, (h - min(h, w)) // 3  # faces fit in a square, off-centre
-    boxes = [[10.3 + dx, 12.6 + dy, 30.2 + dx, 36.9 + dy], [sd - 30.5 + dx, sd - 28.2 + dy, sd - 8.1 + dx, sd - 6.4 + dy]]
+    boxes = [[10.3 + dx, 12.6 + dy, 30.2 + dx, 36.9 + dy],
+             [sd - 30.5 + dx, sd - 28.2 + dy, sd - 8.1 + dx, sd - 6.4 + dy]]
     s = painted_sample(h, w, boxes)
     rng = np.random.default_rng(0)
     squares = set()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from src.train import main as train_main
@@ -23,9 +22,9 @@ def fit_with_metrics(world: Path, out: Path, stage: int, steps: int, extra: list
          "init_args": {"every_n_steps": 2, "num_images": 2, "num_inference_steps": 2, "calibration_renders": 2}},
     ]
     torch.manual_seed(0)
-    return train_main(["fit", f"--config={CONFIGS / 'tiny' / f'stage{stage}.yaml'}", *tiny_args(world, multi=stage == 2),
-                       *SMALL_MODEL, f"--trainer.default_root_dir={out}", f"--trainer.max_steps={steps}",
-                       f"--trainer.callbacks={json.dumps(callbacks)}",
+    return train_main(["fit", f"--config={CONFIGS / 'tiny' / f'stage{stage}.yaml'}",
+                       *tiny_args(world, multi=stage == 2), *SMALL_MODEL, f"--trainer.default_root_dir={out}",
+                       f"--trainer.max_steps={steps}", f"--trainer.callbacks={json.dumps(callbacks)}",
                        '--trainer.logger={"class_path": "lightning.pytorch.loggers.TensorBoardLogger", '
                        f'"init_args": {{"save_dir": "{out}", "name": "tb"}}}}', *extra])
 

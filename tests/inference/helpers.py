@@ -24,6 +24,7 @@ from src.models.id_embedding import IDEmbedding
 from src.models.presets import ComponentPaths
 from src.tiny import build_tiny_clip, tiny_components
 
+
 @pytest.fixture(autouse=False)
 def one_thread() -> Iterator[None]:
     """Run a test on one intra-op thread: on the shared 2-core machine, multi-threaded tiny ops
@@ -71,7 +72,8 @@ def tiny_embedding(id_dim: int, structure_dim: int, output_dim: int, seed: int =
     return m.eval()
 
 
-def tiny_embedding_for(components: ComponentPaths, output_dim: int = presets.TINY_CROSS_DIM, seed: int = 0) -> IDEmbedding:
+def tiny_embedding_for(components: ComponentPaths, output_dim: int = presets.TINY_CROSS_DIM,
+                       seed: int = 0) -> IDEmbedding:
     """An IDEmbedding whose input widths fit the tiny world's face backbone and CLIP tower."""
     widths = presets.TINY_FACE_WIDTHS
     structure = sum(widths[:3]) + presets.TINY_CLIP_VISION["width"]

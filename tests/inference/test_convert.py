@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from src import convert
 from src.models import adapters
 from src.models.faceid_attention import FaceIDAttnProcessor
-from tests.inference.helpers import one_thread, RANK, released_layout, tiny_embedding, write_released
+from tests.inference.helpers import RANK, one_thread, released_layout, tiny_embedding, write_released  # noqa: F401 (fixture)
 from tests.models.tiny_unets import tiny_sd15_unet  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,8 +49,10 @@ def test_processor_order_is_down_up_mid_and_every_key_lands_where_the_doc_says(t
     assert report.files == {str(fp): len(faceid["faceid_adapter"]) + n_proj, str(rp): len(router)}
     for i, name in enumerate(names):
         attn = unet.get_submodule(name[: -len(".processor")])
-        assert torch.equal(attn.to_q.lora_A["single_id"].weight, faceid["faceid_adapter"][f"{i}.to_q_lora.down.weight"])
-        assert torch.equal(attn.to_out[0].lora_B["single_id"].weight, faceid["faceid_adapter"][f"{i}.to_out_lora.up.weight"])
+        assert torch.equal(attn.to_q.lora_A["single_id"].weight,
+                           faceid["faceid_adapter"][f"{i}.to_q_lora.down.weight"])
+        assert torch.equal(attn.to_out[0].lora_B["single_id"].weight,
+                           faceid["faceid_adapter"][f"{i}.to_out_lora.up.weight"])
         assert torch.equal(attn.to_v.lora_B["multi_id"].weight, router[f"{i}.to_v_lora.up.weight"])
         if name.endswith("attn2.processor"):
             proc = attn.processor
@@ -76,7 +78,8 @@ def test_every_adapter_parameter_is_filled(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_export_then_load_round_trip_is_bit_exact(tmp_path: Path, suffix: str) -> None:
-    fp, rp = write_released(tmp_path / "in", tiny_sd15_unet(cross_attention_dim=CROSS), tiny_embedding(24, 40, CROSS, 3))
+    fp, rp = write_released(tmp_path / "in", tiny_sd15_unet(cross_attention_dim=CROSS),
+                            tiny_embedding(24, 40, CROSS, 3))
     unet, _ = _model()
     emb = _fresh_embedding()
     convert.load_released(fp, rp, unet, emb)

@@ -61,7 +61,8 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
         assert action.help, action.option_strings
 
 
-def test_two_identities_end_to_end_with_routing_maps(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_two_identities_end_to_end_with_routing_maps(world: dict, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     args = _base_args(world, out) + ["--face-crop", str(world["crops"][0]), "--face-crop", str(world["crops"][1]),
                                      "--num-images", "2", "--routing-maps", "--seed", "3"]
@@ -116,7 +117,8 @@ def test_masks_must_match_identities(world: dict, tmp_path: Path, capsys: pytest
     assert info.value.code != 0 and "--mask given 1 times for 2 identities" in capsys.readouterr().err
 
 
-def test_face_less_photo_exits_nonzero_naming_the_file(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_face_less_photo_exits_nonzero_naming_the_file(world: dict, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
     blank = tmp_path / "no_face_here.jpg"
     Image.new("RGB", (80, 80), (200, 200, 200)).save(blank)
     with pytest.raises(SystemExit) as info:

@@ -71,18 +71,21 @@ def _linear_lora(x: torch.Tensor, base: dict, prefix: str, lora: dict, i: int, r
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head softmax(q k^T / sqrt(d)) v; (B, L, C), (B, S, C) -> (B, L, C)."""
-    b, l, c = q.shape
+    b, length, c = q.shape
     d = c // heads
     qh, kh, vh = (t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
     w = torch.softmax(qh @ kh.transpose(-1, -2) / d**0.5, dim=-1)
-    return (w @ vh).transpose(1, 2).reshape(b, l, c)
+    return (w @ vh).transpose(1, 2).reshape(b, length, c)
 
 
 def _reference_router(x: torch.Tensor, tokens: torch.Tensor, r: dict, i: int) -> torch.Tensor:
     """theta(Z) . phi(W_aggr F_id(n)) logits, (B, L, h), (B, N, T, D) -> (B, L, N). No 1/sqrt(d)."""
-    theta = F.gelu(x @ r[f"{i}.to_q_router.0.weight"].T + r[f"{i}.to_q_router.0.bias"]) @ r[f"{i}.to_q_router.2.weight"].T
-    aggr = (tokens.transpose(-1, -2) @ r[f"{i}.aggr_router.weight"].T).squeeze(-1) + r[f"{i}.aggr_router.bias"]  # (B,N,D)
-    phi = F.gelu(aggr @ r[f"{i}.to_k_router.0.weight"].T + r[f"{i}.to_k_router.0.bias"]) @ r[f"{i}.to_k_router.2.weight"].T
+    theta = (F.gelu(x @ r[f"{i}.to_q_router.0.weight"].T + r[f"{i}.to_q_router.0.bias"])
+             @ r[f"{i}.to_q_router.2.weight"].T)
+    # (B,N,D)
+    aggr = (tokens.transpose(-1, -2) @ r[f"{i}.aggr_router.weight"].T).squeeze(-1) + r[f"{i}.aggr_router.bias"]
+    phi = (F.gelu(aggr @ r[f"{i}.to_k_router.0.weight"].T + r[f"{i}.to_k_router.0.bias"])
+           @ r[f"{i}.to_k_router.2.weight"].T)
     return torch.einsum("blh,bnh->bln", theta, phi)
 
 
@@ -103,7 +106,8 @@ def _reference_cross_attention(
     return _linear_lora(h, base, f"{attn_path}.to_out.0", lora, i, "to_out")
 
 
-def _capture_attn2(unet, name: str, ctx: FaceIDContext, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _capture_attn2(unet, name: str, ctx: FaceIDContext,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the UNet once; return (hidden states, text, output) of the attention module owning `name`."""
     attn = unet.get_submodule(name[: -len(".processor")])
     seen = {}
@@ -140,8 +144,9 @@ def test_single_identity_face_id_attention_matches_reference(released: dict) -> 
     for i, name in _cross_layers(released):
         x, text, out = _capture_attn2(unet, name, FaceIDContext(tokens=tokens, latent_hw=(8, 8), scale=0.7))
         ref = _reference_cross_attention(
-            x, text, tokens, 0.7, lambda z: torch.ones(z.shape[0], z.shape[1], 1), released["faceid"]["faceid_adapter"],
-            released["faceid"]["faceid_adapter"], released["base"], name[: -len(".processor")], i, released["heads"][name],
+            x, text, tokens, 0.7, lambda z: torch.ones(z.shape[0], z.shape[1], 1),
+            released["faceid"]["faceid_adapter"], released["faceid"]["faceid_adapter"], released["base"],
+            name[: -len(".processor")], i, released["heads"][name],
         )
         assert rel_err(out, ref) < TOL, name
 
@@ -176,7 +181,8 @@ def test_explicit_masks_match_reference_normalisation(released: dict) -> None:
     masks[:, 1, :, 12:] = 1  # overlap (shared 50/50) and a region covered by one only
     masks[1, :, :4] = 0  # rows with no identity at all in sample 1
     for i, name in _cross_layers(released):
-        x, text, out = _capture_attn2(unet, name, FaceIDContext(tokens=tokens, latent_hw=(8, 8), scale=0.7, masks=masks))
+        x, text, out = _capture_attn2(unet, name,
+                                      FaceIDContext(tokens=tokens, latent_hw=(8, 8), scale=0.7, masks=masks))
 
         def weights(z: torch.Tensor) -> torch.Tensor:
             side = int(z.shape[1] ** 0.5)
@@ -186,7 +192,8 @@ def test_explicit_masks_match_reference_normalisation(released: dict) -> None:
             return m.flatten(2).transpose(1, 2)  # (B, L, N)
 
         ref = _reference_cross_attention(x, text, tokens, 0.7, weights, released["faceid"]["faceid_adapter"],
-                                         released["router"], released["base"], name[: -len(".processor")], i, released["heads"][name])
+                                         released["router"], released["base"], name[: -len(".processor")], i,
+                                         released["heads"][name])
         assert rel_err(out, ref) < TOL, name
     adapters.set_active_lora(unet, "single_id")
 
@@ -266,7 +273,8 @@ def _bn(x: torch.Tensor, sd: dict, p: str, affine: bool = True) -> torch.Tensor:
 def _reference_ir(sd: dict, x: torch.Tensor, units: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """TFace IR: input_layer; body units out = res_layer(x) + shortcut(x), stride 2 on each stage's
     first unit (MaxPool2d(1, 2) = subsampling when widths match, else 1x1 conv + BN); output_layer."""
-    h = F.prelu(_bn(F.conv2d(x, sd["input_layer.0.weight"], padding=1), sd, "input_layer.1"), sd["input_layer.2.weight"])
+    h = F.prelu(_bn(F.conv2d(x, sd["input_layer.0.weight"], padding=1), sd, "input_layer.1"),
+                sd["input_layer.2.weight"])
     stages, idx = [], 0
     for n in units:
         for j in range(n):

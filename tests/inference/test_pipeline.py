@@ -14,7 +14,7 @@ from src.faces import NoFaceError
 from src.models import adapters
 from src.models.faceid_attention import FaceIDAttnProcessor
 from src.pipeline import Identity, UniPortraitPipeline, make_scheduler
-from tests.inference.helpers import one_thread, RANK, random_crops, tiny_embedding_for, write_released, write_tiny_world  # noqa: F401 (fixture)
+from tests.inference.helpers import RANK, one_thread, random_crops, tiny_embedding_for, write_released, write_tiny_world  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

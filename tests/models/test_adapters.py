@@ -86,7 +86,8 @@ def test_sdxl_shaped_forward_and_backward_reach_faceid_projections() -> None:
     add_lora(unet, "single_id", rank=4)
     set_trainable(unet, faceid=True, router=False, lora="single_id")  # stage-1 setup
     inputs = unet_inputs(unet, hw=(8, 8))
-    out = unet(**inputs, cross_attention_kwargs={"faceid": FaceIDContext(tokens=_tokens(unet), latent_hw=(8, 8))}).sample
+    out = unet(**inputs,
+               cross_attention_kwargs={"faceid": FaceIDContext(tokens=_tokens(unet), latent_hw=(8, 8))}).sample
     out.square().mean().backward()
     for key, p in faceid_parameters(unet).items():
         assert p.grad is not None and p.grad.abs().sum() > 0, key

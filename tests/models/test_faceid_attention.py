@@ -31,7 +31,8 @@ def _proc(attn: Attention, with_router: bool = False, seed: int = 1) -> FaceIDAt
 
 def _inputs(b: int = 2, n: int = 2, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, L, QDIM, generator=g), torch.randn(b, 7, TDIM, generator=g), torch.randn(b, n, T, TDIM, generator=g)
+    return (torch.randn(b, L, QDIM, generator=g), torch.randn(b, 7, TDIM, generator=g),
+            torch.randn(b, n, T, TDIM, generator=g))
 
 
 def _run(attn: Attention, proc, hidden, text, ctx: FaceIDContext | None) -> torch.Tensor:
@@ -77,7 +78,8 @@ def test_no_faceid_or_zero_scale_is_bit_identical_to_stock(kwargs: dict) -> None
     assert torch.equal(_run(attn, proc, hidden, text, zero), stock)
     # 4-D input path with group norm (as the UNet's mid-block attention may use)
     torch.manual_seed(0)
-    attn4 = Attention(query_dim=QDIM, heads=HEADS, dim_head=HEAD_DIM, norm_num_groups=4, residual_connection=True).eval()
+    attn4 = Attention(query_dim=QDIM, heads=HEADS, dim_head=HEAD_DIM, norm_num_groups=4,
+                      residual_connection=True).eval()
     x4 = torch.randn(2, QDIM, 4, 6)
     attn4.set_processor(AttnProcessor2_0())
     stock4 = attn4(x4)
@@ -128,7 +130,8 @@ def test_router_argmax_selects_one_identity_per_position() -> None:
     ctx = FaceIDContext(tokens=tokens, latent_hw=LAT_HW, scale=1.0, record=record)
     out = _run(attn, proc, hidden, text, ctx)
     singles = torch.stack(
-        [_run(attn, proc, hidden, text, FaceIDContext(tokens=tokens[:, n : n + 1], latent_hw=LAT_HW)) for n in range(3)],
+        [_run(attn, proc, hidden, text, FaceIDContext(tokens=tokens[:, n : n + 1], latent_hw=LAT_HW))
+         for n in range(3)],
         dim=2,
     )  # (B, L, N, C)
     choice = proc.router.logits(hidden, tokens).argmax(-1)  # (B, L)
