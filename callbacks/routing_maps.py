@@ -156,11 +156,15 @@ class RoutingAccuracyReport(L.Callback):
 
     splits: name -> shard pattern. max_batches: batches per split (None: the whole split).
     band_samples: timesteps per band (each a separate forward of every batch).
+    measure_before: False skips the "before" figures and maps (`python -m src.guard control` sets it: the
+        control starts from the same checkpoint and seed as stage 2, so its "before" is stage 2's).
     """
 
     def __init__(self, splits: dict[str, str], max_batches: int | None = 4, batch_size: int = 16,
-                 band_samples: int = 2, seed: int = 0, picture_images: int = 4, picture_t: int = 100) -> None:
+                 band_samples: int = 2, seed: int = 0, picture_images: int = 4, picture_t: int = 100,
+                 measure_before: bool = True) -> None:
         self.splits, self.max_batches, self.batch_size = splits, max_batches, batch_size
+        self.measure_before = measure_before
         self.band_samples, self.seed = band_samples, seed
         self.picture_images, self.picture_t = picture_images, picture_t
         self.before: dict[str, dict[str, float]] | None = None
@@ -231,7 +235,7 @@ class RoutingAccuracyReport(L.Callback):
         return results, layers
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.before is None and pl_module.stage == 2:
+        if self.before is None and pl_module.stage == 2 and self.measure_before:
             self.before, _ = self.measure(trainer, pl_module)
             if self.picture_images:
                 self.before_maps = {k: maps for k, (_, maps) in self.picture_batches(trainer, pl_module).items()}

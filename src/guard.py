@@ -137,6 +137,10 @@ def control_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     stage-2 run's folder)."""
     cfg = relocate(cfg, name=name)
     cfg.setdefault("model", {})["routing_lambda"] = 0.0
+    for cb in cfg["trainer"].get("callbacks", []):
+        if cb.get("class_path", "").endswith(".RoutingAccuracyReport"):
+            # same checkpoint, seed and router initialisation as stage 2: its "before" is stage 2's
+            cb.setdefault("init_args", {})["measure_before"] = False
     return cfg
 
 

@@ -66,6 +66,12 @@ def test_control_config_is_stage2_without_routing_loss_in_its_own_folder():
     for key in ("init_from", "lr", "stage"):
         assert control["model"][key] == stage2["model"][key]
     assert control["data"] == stage2["data"] and control["trainer"]["max_steps"] == stage2["trainer"]["max_steps"]
+    # the routing report skips the "before" figures, which are stage 2's (same start); "after" stays
+    reports = [cb for cb in control["trainer"]["callbacks"] if cb["class_path"].endswith(".RoutingAccuracyReport")]
+    assert len(reports) == 1 and reports[0]["init_args"]["measure_before"] is False
+    assert reports[0]["init_args"]["splits"] == next(cb for cb in stage2["trainer"]["callbacks"]
+                                                     if cb["class_path"].endswith(".RoutingAccuracyReport"))[
+                                                         "init_args"]["splits"]
 
 
 def test_seed_config_moves_every_stage_and_the_hand_over_to_its_own_folder():
