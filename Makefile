@@ -16,11 +16,11 @@ PRETRAIN ?=
 # what .ci/run does to keep CI inside its time limit); empty for the README's full run.
 TRAIN_ARGS ?=
 # What CI trains (`make ci-guard`): both stages cut to 200 steps, each training process on one thread, because
-# CI runs up to four jobs side by side on 2 cores (`make -j4`), and a 2-thread OpenMP process sharing its cores
+# CI runs three jobs side by side on 2 cores (`make -j3`), and a 2-thread OpenMP process sharing its cores
 # with others waits on its own descheduled thread at every parallel region.
 CI_TRAIN_ARGS ?= --trainer.max_steps=200 --torch_threads=1
 
-.PHONY: install lint tiny tiny-assets demo train-tiny train-tiny-stage2 guard guard-control ci-guard test \
+.PHONY: install lint tiny tiny-assets demo train-tiny train-tiny-stage2 guard guard-control ci-tests ci-guard test \
 	test-slow test-all bench eval clean
 
 install: $(VENV)/.installed  ## create .venv and install the project with pinned versions
@@ -55,9 +55,13 @@ guard: guard-control  ## after `make demo`: stage 2 without the routing loss (th
 guard-control: tiny  ## stage 2 from stage 1's last.ckpt without the routing loss (runs/tiny/control)
 	$(PY) -m src.guard control $(TRAIN_ARGS)
 
-# CI (.ci/run): `make -j4 -o tiny test test-slow ci-guard` after `make tiny` runs both test suites beside the
-# shortened demo; once stage 1 is trained, stage 2 and the control (both start from its checkpoint) run side
-# by side too. `-o tiny`: the world is built, so no job re-runs `src.tiny`.
+# CI (.ci/run): `make -j3 ci-tests ci-guard` after `make tiny` runs the tests beside the shortened demo; once
+# stage 1 is trained, stage 2 and the control (both start from its checkpoint) run side by side too.
+# `-o tiny`: the world is built, so the guard's jobs do not re-run `src.tiny`.
+ci-tests:  ## make test, then make test-slow
+	$(MAKE) test
+	$(MAKE) test-slow
+
 ci-guard:  ## after `make tiny`: the shortened demo (CI_TRAIN_ARGS), its control, and every learning figure against its threshold
 	$(MAKE) -o tiny train-tiny TRAIN_ARGS="$(CI_TRAIN_ARGS)"
 	$(MAKE) -o tiny train-tiny-stage2 guard-control TRAIN_ARGS="$(CI_TRAIN_ARGS)"
