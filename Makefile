@@ -52,7 +52,7 @@ demo: train-tiny train-tiny-stage2  ## the main job: both stages on the embedded
 guard: guard-control  ## after `make demo`: stage 2 without the routing loss (the control), then every learning figure against its threshold
 	$(PY) -m src.guard check
 
-guard-control: tiny  ## stage 2 from stage 1's last.ckpt without the routing loss (runs/tiny/control)
+guard-control: tiny  ## stage 2 from stage 1's last.ckpt without the routing loss (runs/tiny/stage2_lambda0)
 	$(PY) -m src.guard control $(TRAIN_ARGS)
 
 # CI (.ci/run): `make -j3 ci-tests ci-guard` after `make tiny` runs the tests beside the shortened demo; once

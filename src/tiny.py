@@ -51,14 +51,15 @@ from src.models.face_pretrain import evaluate_verification, pretrain_recognition
 log = logging.getLogger("src.tiny")
 
 # The default world's pretrained parts, shipped in the repository, and the files that make them up
-# (paths relative to both the assets folder and the world's folder).
+# (paths relative to both the assets folder and the world's folder). The UNet comes last among the
+# base/ files: its folder's presence marks the base model complete.
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny"
 PRETRAINED_FILES = (
-    "base/unet/config.json",
-    "base/unet/diffusion_pytorch_model.safetensors",
+    "face_backbone.safetensors",
     "base/vae/config.json",
     "base/vae/diffusion_pytorch_model.safetensors",
-    "face_backbone.safetensors",
+    "base/unet/config.json",
+    "base/unet/diffusion_pytorch_model.safetensors",
 )
 # Built here from the seed, not shipped, but the UNet was pretrained against it: its hash is recorded so a
 # machine whose floats draw a different random text encoder says so.
@@ -327,8 +328,7 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
                             "draws other random floats); figures may differ from docs/benchmarks.md; "
                             "`make tiny PRETRAIN=1` pretrains the parts here", out / TEXT_ENCODER_FILE)
             report["vae_loss"], report["unet_loss"] = shipped["report"]["vae_loss"], shipped["report"]["unet_loss"]
-            _copy_shipped(assets, out, tuple(f for f in PRETRAINED_FILES if f.startswith("base/vae/")))
-            _copy_shipped(assets, out, tuple(f for f in PRETRAINED_FILES if f.startswith("base/unet/")))  # last
+            _copy_shipped(assets, out, tuple(f for f in PRETRAINED_FILES if f.startswith("base/")))  # UNet last
         else:
             images, captions = _load_images(manifest["splits"]["single_train"]["path_pattern"], pretrain_images)
             vae = presets.tiny_vae()
