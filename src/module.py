@@ -412,13 +412,26 @@ class UniPortraitModule(L.LightningModule):
         kept = [b for b, p in enumerate(partners) if p is not None]
         latents, text, tokens, valid = self.probe_inputs(batch)
         other = tokens[[b if p is None else p for b, p in enumerate(partners)]]  # (B, N, Q, D)
+        # A silent face-ID branch (every to_v_faceid zero, as before stage 1 trains) adds exactly 0 whatever the
+        # tokens, so the other identity's forward would repeat the own one bit for bit: it is not run.
+        silent = self.identity_path_silent()
         own_draws, other_draws = [], []
         for _ in range(draws):
             noise, t, noisy = self._sample_noise(latents, generator)
             for tok, out in ((tokens, own_draws), (other, other_draws)):
+                if silent and out is other_draws:
+                    out.append(own_draws[-1])
+                    continue
                 pred = self._denoise(noisy, t, text, self._context(tok, valid, latents, None))
                 out.append((pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))[kept])  # (M,)
         return torch.stack(own_draws).mean(0), torch.stack(other_draws).mean(0)
+
+    def identity_path_silent(self) -> bool:
+        """True when the face-ID branch cannot change the UNet's output: no face-ID processor, a face-ID scale
+        of 0, or every to_v_faceid weight exactly zero (`value_init="zero"` before training), where the
+        branch's values, and so its output, are 0 for any identity tokens."""
+        values = [p for n, p in adapters.faceid_parameters(self.unet).items() if n.endswith("to_v_faceid.weight")]
+        return not values or self.hparams.faceid_scale == 0 or not any(bool(p.detach().any()) for p in values)
 
     @torch.no_grad()
     def probe_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

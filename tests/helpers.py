@@ -5,7 +5,9 @@ from pathlib import Path
 
 
 def tiny_args(world: Path, multi: bool = False) -> list[str]:
-    """CLI overrides pointing configs/tiny/*.yaml at a tiny world and shrinking the run."""
+    """CLI overrides pointing configs/tiny/*.yaml at a tiny world and shrinking the run, on one torch thread: the
+    tiny configs ask for two (`torch_threads: 2`), which would override OMP_NUM_THREADS=1 in the CLI subprocesses
+    (a DDP test's two ranks would then run four threads on two cores) and oversubscribe CI's parallel jobs."""
     d = world / "data"
     single = "single/train-{000000..000003}.tar"
     train = "multi/train-{000000..000003}.tar" if multi else single
@@ -21,6 +23,7 @@ def tiny_args(world: Path, multi: bool = False) -> list[str]:
         "--data.shuffle_buffer=16",
         "--data.epoch_length=4",
         "--trainer.enable_progress_bar=false",
+        "--torch_threads=1",
     ]
 
 

@@ -187,6 +187,35 @@ def test_stage1_untrained_adapter_is_the_base_model_and_training_reaches_every_p
     assert any(g is not None and g.abs().sum() > 0 for g in k_grads)
 
 
+def test_identity_gap_skips_the_other_forward_only_when_the_face_id_branch_is_silent(tiny_world, monkeypatch):
+    """Untrained (every to_v_faceid zero) the other identity's forward is not run: the figures equal those of
+    running it, bit for bit, with half the UNet forwards. Once to_v_faceid moves, both forwards run and differ."""
+    m = make_module(tiny_world).eval()
+    batch = batch_from(tiny_world)
+    forwards = []
+    m.unet.register_forward_hook(lambda *_: forwards.append(1))
+
+    def gap() -> tuple[torch.Tensor, torch.Tensor, int]:
+        forwards.clear()
+        own, other = m.identity_gap(batch, generator=torch.Generator().manual_seed(1), draws=2)
+        return own, other, len(forwards)
+
+    assert m.identity_path_silent()
+    own, other, n = gap()
+    assert n == 2 and torch.equal(own, other)
+    with monkeypatch.context() as mp:
+        mp.setattr(UniPortraitModule, "identity_path_silent", lambda self: False)
+        own_run, other_run, n_run = gap()
+    assert n_run == 4 and torch.equal(own_run, own) and torch.equal(other_run, other)
+    with torch.no_grad():
+        for name, p in adapters.faceid_parameters(m.unet).items():
+            if name.endswith("to_v_faceid.weight"):
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    assert not m.identity_path_silent()
+    own2, other2, n2 = gap()
+    assert n2 == 4 and not torch.equal(own2, other2)
+
+
 def test_condition_dropout_uses_the_unconditional_branch(module, tiny_world):
     module.eval()
     batch = batch_from(tiny_world)

@@ -90,7 +90,7 @@ def test_a_build_with_other_options_pretrains_and_says_which_differ(tiny_world, 
     def stop(*args, **kwargs):
         raise RuntimeError("pretraining")
 
-    monkeypatch.setattr(tiny, "pretrain_recognition", stop)
+    monkeypatch.setattr(tiny, "render_identity_crops", stop)  # the face backbone's pretraining starts with it
     out = _world_with_data(tiny_world, tmp_path / "world")
     with caplog.at_level(logging.INFO, logger="src.tiny"), pytest.raises(RuntimeError, match="pretraining"):
         tiny.build(out, **dict(SMALL, face_steps=3), assets=assets)

@@ -236,7 +236,7 @@ def test_trained_checkpoint_scores_higher_face_sim_than_untrained(tmp_path):
     On `make tiny`'s world (read only; runs and results go to tmp_path), not the `tiny_world` fixture: the
     fixture's VAE and face backbone are pretrained 2 steps, so its generations carry no identity to score and
     the margin there was noise (+0.02 at 10 sampling steps), and 2-step generations carry none either (margin
-    -0.1 here). On this world the test asserts a margin above 1.0. About 4-5 minutes on two threads."""
+    -0.1 here). On this world the test asserts a margin above 1.0. About 5 minutes on one thread (2026-12-07)."""
     untrained = train_checkpoint(TINY_ROOT, tmp_path / "untrained", 1, 1, ["--model.lr=0.0"])
     trained = train_checkpoint(TINY_ROOT, tmp_path / "trained", 1, 150)
     common = ["--identities", "4", "--prompts", "4", "--images", "6", "--protocol", "single"]
