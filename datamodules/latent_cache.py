@@ -1,4 +1,4 @@
-"""Cache VAE latents in the shards, so training skips the frozen VAE encoder (issue 7).
+"""Cache VAE latents in the shards, so training skips the frozen VAE encoder.
 
 At SD1.5 scale the VAE encoder at 512 px costs more than the UNet's LoRA training step; it is frozen and
 deterministic (posterior mode), so each image is encoded once here instead of every epoch:

@@ -1,4 +1,4 @@
-"""SD1.5-scale benchmark (issue 7): training and inference speed on random weights, nothing downloaded.
+"""SD1.5-scale benchmark: training and inference speed on random weights, nothing downloaded.
 
     python -m src.bench_sd15                 # on a GPU: SD1.5 UNet / VAE / text encoder, ViT-H/14, IR-101
     python -m src.bench_sd15 --arch tiny     # the same code on the tiny preset (what the CPU test runs)
