@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from src.models import adapters
+from src.models.adapters import MULTI, SINGLE
 from src.models.faceid_attention import FaceIDAttnProcessor
 from src.models.id_embedding import IDEmbedding
 
@@ -52,11 +53,9 @@ __all__ = [
     "export_checkpoint_safetensors",
 ]
 
-SINGLE, MULTI = "single_id", "multi_id"
 # released processor-level LoRA name -> the projection of the Attention module it adapts
 _LORA_PROJ = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 _LORA_DIR = {"down": "lora_A", "up": "lora_B"}
-_PROC_SUFFIX = ".processor"
 
 
 @dataclass
@@ -130,7 +129,7 @@ def released_key_map(unet: nn.Module, part: str) -> dict[str, str]:
     adapter = SINGLE if part == "faceid" else MULTI
     mapping: dict[str, str] = {}
     for idx, (name, proc) in enumerate(unet.attn_processors.items()):
-        attn_path = name[: -len(_PROC_SUFFIX)]
+        attn_path = name[: -len(adapters.PROCESSOR_SUFFIX)]
         mapping.update(_lora_entries(attn_path, idx, adapter))
         if not isinstance(proc, FaceIDAttnProcessor):
             continue

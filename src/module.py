@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from src.conventions import vae_latents
 from src.metrics.identity import other_identity_partners
 from src.models import adapters
+from src.models.adapters import MULTI, SINGLE
 from src.models.context import FaceIDContext, RoutingRecord
 from src.models.id_embedding import IDEmbedding
 from src.models.identity_encoder import FeatureCache, IdentityEncoder
@@ -31,7 +32,6 @@ from src.models.router import routing_loss, schedule_tau
 
 log = logging.getLogger(__name__)
 
-SINGLE, MULTI = "single_id", "multi_id"
 
 
 @dataclass

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# a smaller model than the tiny configs' (one Q-Former layer, LoRA rank 4) for tests that only need it to run
+SMALL_MODEL = ["--model.qformer.depth=1", "--model.lora_rank=4"]
+
 
 def tiny_args(world: Path, multi: bool = False) -> list[str]:
     """CLI overrides pointing configs/tiny/*.yaml at a tiny world and shrinking the run, on one torch thread: the

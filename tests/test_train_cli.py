@@ -8,11 +8,10 @@ import torch
 import yaml
 
 from src.train import main, resolve_config
-from tests.helpers import tiny_args
+from tests.helpers import SMALL_MODEL, tiny_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
-SMALL_MODEL = ["--model.qformer.depth=1", "--model.lora_rank=4"]
 
 
 def test_every_config_resolves_and_stage_configs_hold_overrides_only():

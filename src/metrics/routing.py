@@ -11,19 +11,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from src.models.router import resize_masks_binary
+
 BAND_EDGES = (250, 500, 750)
 BAND_NAMES = ("t<250", "250<=t<500", "500<=t<750", "t>=750")
-
-
-def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
-    """Face masks (B, N, H, W) in {0, 1} -> bool (B, N, h, w): area resize, then >= 0.5."""
-    if tuple(masks.shape[-2:]) != tuple(size):
-        masks = F.interpolate(masks.float(), size=size, mode="area")
-    return masks >= 0.5
 
 
 def routing_hits(hard_maps: Tensor, masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -37,7 +31,8 @@ def routing_hits(hard_maps: Tensor, masks: Tensor, valid: Tensor) -> tuple[Tenso
             f"shape mismatch: hard_maps {tuple(hard_maps.shape)}, masks {tuple(masks.shape)}, "
             f"valid {tuple(valid.shape)}"
         )
-    covered = resize_masks(masks, tuple(hard_maps.shape[-2:])) & valid[:, :, None, None]  # (B, N, h, w)
+    # the routing loss's own targets: scored where the router was trained to route
+    covered = resize_masks_binary(masks, tuple(hard_maps.shape[-2:])).bool() & valid[:, :, None, None]  # (B, N, h, w)
     scores = hard_maps.float().masked_fill(~valid[:, :, None, None], -1.0)  # invalid slots never win
     routed = scores.argmax(dim=1, keepdim=True)  # (B, 1, h, w)
     has_route = scores.amax(dim=1) > 0  # (B, h, w)

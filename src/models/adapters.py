@@ -29,6 +29,9 @@ from src.models.faceid_attention import FaceIDAttnProcessor, SelfAttnProcessor, 
 
 __all__ = [
     "LORA_TARGETS",
+    "SINGLE",
+    "MULTI",
+    "PROCESSOR_SUFFIX",
     "install_faceid_processors",
     "faceid_processors",
     "add_routers",
@@ -46,12 +49,13 @@ __all__ = [
 ]
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-_PROCESSOR_SUFFIX = ".processor"
+SINGLE, MULTI = "single_id", "multi_id"  # the two LoRA adapters' names: stage 1 / single-ID, stage 2 / multi-ID
+PROCESSOR_SUFFIX = ".processor"  # attn_processors keys are "<attention module path>.processor"
 
 
 def _attention_of(unet: nn.Module, processor_name: str) -> Attention:
     """The Attention module owning the processor `processor_name` (an attn_processors key)."""
-    module = unet.get_submodule(processor_name[: -len(_PROCESSOR_SUFFIX)])
+    module = unet.get_submodule(processor_name[: -len(PROCESSOR_SUFFIX)])
     if not isinstance(module, Attention):
         raise TypeError(
             f"{processor_name}: expected its parent to be a diffusers Attention, got {type(module).__name__}"
@@ -90,7 +94,7 @@ def install_faceid_processors(
         if not isinstance(old, (AttnProcessor, AttnProcessor2_0)):
             raise TypeError(f"{name}: unsupported existing processor {type(old).__name__} (expected a stock one)")
         attn = _attention_of(unet, name)
-        if name.endswith("attn2" + _PROCESSOR_SUFFIX) and attn.is_cross_attention:
+        if name.endswith("attn2" + PROCESSOR_SUFFIX) and attn.is_cross_attention:
             to_q, to_k = base_linear(attn.to_q), base_linear(attn.to_k)
             proc = FaceIDAttnProcessor(
                 hidden_size=to_k.out_features,

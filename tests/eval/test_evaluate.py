@@ -15,12 +15,11 @@ from src import benchmark_prompts as bp
 from src import evaluate
 from src.generate import DEFAULT_TINY
 from src.train import main as train_main
-from tests.helpers import tiny_args, write_components_yaml
+from tests.helpers import SMALL_MODEL, tiny_args, write_components_yaml
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CELEBA_EVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "celeba_eval"
 TINY_ROOT = CONFIGS.parent / DEFAULT_TINY  # `make tiny`'s world, anchored at the checkout
-SMALL_MODEL = ["--model.qformer.depth=1", "--model.lora_rank=4"]
 
 
 def train_checkpoint(world: Path, out: Path, stage: int, steps: int, extra: list[str] = ()) -> Path:

@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from src.train import main as train_main
-from tests.helpers import tiny_args
+from tests.helpers import SMALL_MODEL, tiny_args
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-SMALL_MODEL = ["--model.qformer.depth=1", "--model.lora_rank=4"]
 
 
 def fit_with_metrics(world: Path, out: Path, stage: int, steps: int, extra: list[str] = ()):

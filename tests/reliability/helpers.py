@@ -14,11 +14,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from tests.helpers import tiny_args
+from tests.helpers import SMALL_MODEL, tiny_args
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
-SMALL_MODEL = ["--model.qformer.depth=1", "--model.lora_rank=4"]
 
 
 def callbacks_arg(*specs: tuple[str, dict[str, Any]]) -> str:
