@@ -33,7 +33,6 @@ from src.models.router import routing_loss, schedule_tau
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class QFormerSpec:
     """Architecture and training-time regularisers of the ID embedding module (paper: 6 x 16 x 768)."""
@@ -415,15 +414,16 @@ class UniPortraitModule(L.LightningModule):
         # A silent face-ID branch (every to_v_faceid zero, as before stage 1 trains) adds exactly 0 whatever the
         # tokens, so the other identity's forward would repeat the own one bit for bit: it is not run.
         silent = self.identity_path_silent()
+
+        def loss(tok: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+            pred = self._denoise(noisy, t, text, self._context(tok, valid, latents, None))
+            return (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))[kept]  # (M,)
+
         own_draws, other_draws = [], []
         for _ in range(draws):
-            noise, t, noisy = self._sample_noise(latents, generator)
-            for tok, out in ((tokens, own_draws), (other, other_draws)):
-                if silent and out is other_draws:
-                    out.append(own_draws[-1])
-                    continue
-                pred = self._denoise(noisy, t, text, self._context(tok, valid, latents, None))
-                out.append((pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))[kept])  # (M,)
+            drawn = self._sample_noise(latents, generator)  # (noise, t, noisy)
+            own_draws.append(loss(tokens, *drawn))
+            other_draws.append(own_draws[-1] if silent else loss(other, *drawn))
         return torch.stack(own_draws).mean(0), torch.stack(other_draws).mean(0)
 
     def identity_path_silent(self) -> bool:

@@ -1,6 +1,6 @@
 """Shared fixtures: a miniature world (synthetic shards + tiny pretrained components) built by the same code
-as `make tiny`, with very few pretraining steps, once per version of the code: sessions share it through
-pytest's cache folder (`make test` and `make test-slow` build it once between them)."""
+as `make tiny`, with very few pretraining steps, once per version of the code, kept in pytest's cache
+folder (`make test` and `make test-slow` build it once between them)."""
 from __future__ import annotations
 
 import fcntl
@@ -47,7 +47,7 @@ def world_key() -> str:
 
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (sessions running side by side build the world once; the others wait)."""
+    """An exclusive lock on `path` (pytest runs side by side build the world once; the others wait)."""
     with path.open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -60,7 +60,7 @@ def locked(path: Path) -> Iterator[None]:
 def tiny_world(request, tmp_path_factory) -> Path:
     """The world's root folder; tests read it and never write into it."""
     cache = getattr(request.config, "cache", None)
-    if cache is None:  # pytest -p no:cacheprovider: a world of this session's own
+    if cache is None:  # pytest -p no:cacheprovider: a world of this run's own
         return build_world(tmp_path_factory.mktemp("tiny_world"))
     store = Path(cache.mkdir("tiny_world"))
     world = store / world_key()
