@@ -31,8 +31,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -e '.[dev]'
 	touch $@
 
-lint: install  ## ruff over the code (its settings: [tool.ruff] in pyproject.toml)
+lint: install  ## ruff over the code, mypy over src/models (their settings: [tool.ruff], [tool.mypy] in pyproject.toml)
 	$(PY) -m ruff check src datamodules callbacks tests conftest.py
+	$(PY) -m mypy
 
 tiny: install  ## embedded default: synthetic identity shards rendered here + the tiny pretrained parts of assets/tiny
 	$(PY) -m src.tiny --out $(TINY) --threads $(TINY_THREADS) $(if $(PRETRAIN),--pretrain)

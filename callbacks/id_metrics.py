@@ -8,7 +8,7 @@ images were generated from).
 Two frozen networks are read from the module as *read-only public submodules* when no independent
 network is configured (the only access beyond public methods, documented here):
 - recognizer="tiny" without `face_backbone`: the module's own frozen face backbone
-  (`pl_module.identity.face`), wrapped in `src.evaluate.SyntheticFaceRecognizer`;
+  (`pl_module.identity.face`), wrapped in `src.evaluation.synthetic_recognizer.SyntheticFaceRecognizer`;
 - no `clip_checkpoint`: CLIP-I from the module's own frozen CLIP tower (`pl_module.identity.clip`,
   mean of its patch tokens), logged as `val_id/clip_i_own_tower` (not the paper's CLIP-I);
   with `clip_model` + `clip_checkpoint` (open_clip, local file) it is logged as `val_id/clip_i`.
@@ -125,7 +125,7 @@ class IdentityMetrics(L.Callback):
     def recognizer(self, pl_module: L.LightningModule, image_size: int) -> Any:
         if self._recognizer is None:
             if self.recognizer_name == "tiny":
-                from src.evaluate import SyntheticFaceRecognizer
+                from src.evaluation.synthetic_recognizer import SyntheticFaceRecognizer
 
                 if self.face_backbone is not None:
                     from src.models.face_backbone import load_face_backbone

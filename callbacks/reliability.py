@@ -8,7 +8,7 @@
   skipped for a non-finite loss (the module's `nonfinite_total`), keeps the totals in checkpoints, and
   prints a summary when training ends or stops on an exception.
 - `RunSettings`: keeps the settings a run was started with in every checkpoint it writes, so that a later
-  run can tell whether a checkpoint it finds is its own (`src/train.py` compares them before resuming).
+  run can tell whether a checkpoint it finds is its own (`src.cli.train` compares them before resuming).
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ class RunSettings(L.Callback):
     was still restoring another one (the on-exception checkpoint of a resume that failed before its first step:
     weights restored, optimizer not yet), stores `settings: None` and a `note`, so no later run resumes it as
     a match.
-    `src.train.UniPortraitCLI` attaches this callback to every `fit`; configs do not list it.
+    `src.cli.train.UniPortraitCLI` attaches this callback to every `fit`; configs do not list it.
     """
 
     def __init__(self, settings: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """LightningDataModule streaming face shards for stage 1 (single identity) and stage 2 (multi identity).
 
-Batches follow the contract of `datamodules.loader.collate_faces`. The same DataModule serves both stages:
+Batches follow the contract of `datamodules.collate.collate_faces`. The same DataModule serves both stages:
 `set_multi_id(True, multi_shards)` (called by a stage-switch callback) makes the next `train_dataloader()` stream
 multi-face data with all faces; `state_dict()` records the stage and the shard pattern so a resumed run restores
 them.

@@ -21,30 +21,13 @@ deterministic stream, so the next batch is the one the interrupted run would hav
 the logical id ``(worker + skipped batches) % num_workers`` so the DataLoader's round-robin over workers
 continues where it stopped.
 
-Batch contract of :func:`collate_faces` (B samples, Nmax = most faces in the batch, at least 1)::
-
-    image       float (B, 3, H, W) in [-1, 1]
-    caption     list[str]
-    face_recog  float (B, Nmax, 3, 112, 112) in [-1, 1]   (zeros in padded slots)
-    face_clip   float (B, Nmax, 3, S, S) in [-1, 1]
-    face_masks  float (B, Nmax, H, W) in {0, 1}
-    face_valid  bool  (B, Nmax)
-    face_digest long  (B, Nmax)  fingerprint of each face's recognition + CLIP crop bytes (0 in padded slots):
-                                 equal crops, equal digest (the key of the module's frozen-feature cache)
-    identity    list[list[str | None]]  (B lists of Nmax; None when unknown or padded)
-    reference_key list[list[str | None]]  key of the image each recognition crop came from
-    key         list[str]
-    num_faces   long  (B,)
-    skipped     long  (B,)
-    latents     float (B, C, H/f, W/f)  only with cached latents (StreamConfig.cached_latents): scaled VAE latents
-    latent_scaling float64 (B,)       the VAE scaling factor each cached latent was made with
+Items are batched by :func:`datamodules.collate.collate_faces` (the batch contract is in that module); the
+sample checks are in `datamodules.checks`.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -52,26 +35,19 @@ from itertools import islice
 from typing import Any
 
 import numpy as np
-import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.schema import LATENT_KEY, Sample, SampleError, decode_sample
+from datamodules.checks import check_arrays, latent_problem
+from datamodules.collate import collate_faces
+from datamodules.schema import Sample, SampleError, decode_sample
 from datamodules.transforms import crop_and_resize, eval_face_crop, random_face_crop
-from src.conventions import FACE_RECOG_SIZE, uint8_to_unit
+from src.paths import is_local
 
 log = logging.getLogger(__name__)
 
-_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:, http:, s3:, gs: ... (not a local path)
-
 
 # ---------------------------------------------------------------------------------------------- shard URLs
-def is_local(url: str) -> bool:
-    """True for a plain filesystem path (no `scheme:` prefix, or `file:`)."""
-    return url.startswith("file:") or not _SCHEME.match(url) or os.path.exists(url)
-
-
 def resolve_shards(pattern: str) -> list[str]:
     """Expand a shard pattern into URLs and check the local ones exist.
 
@@ -140,30 +116,6 @@ class StreamConfig:
     cache_per_identity: int = 4
     cache_identities: int = 1024
     cached_latents: bool = False  # read `latent.npz` (datamodules.latent_cache) and crop with its box
-
-
-def check_arrays(sample: Sample, where: str) -> None:
-    """Reject arrays a decoded sample must not hold (SampleError naming the shard:key and field).
-
-    masks (N, H, W) uint8/bool in {0, 1}; recog crops (N, 112, 112, 3) uint8; clip crops (N, S, S, 3) uint8.
-    Float arrays (e.g. a cache written as float, possibly holding NaN/inf) are refused rather than silently
-    rescaled by the uint8 -> [-1, 1] conversion.
-    """
-    fields = {"masks.npz": sample.masks, "recog.npz": sample.recog, "clip.npz": sample.clip}
-    for name, arr in fields.items():
-        if arr.dtype == np.uint8 or (name == "masks.npz" and arr.dtype == np.bool_):
-            continue
-        bad = ""
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            bad = f", {int((~np.isfinite(arr)).sum())} non-finite value(s)"
-        raise SampleError(f"{where}: field {name!r} has dtype {arr.dtype}{bad}; expected uint8")
-    if sample.masks.size and sample.masks.max() > 1:
-        raise SampleError(f"{where}: field 'masks.npz' holds values up to {int(sample.masks.max())}; masks are 0/1")
-    if sample.recog.ndim != 4 or sample.recog.shape[1:] != (FACE_RECOG_SIZE, FACE_RECOG_SIZE, 3):
-        raise SampleError(f"{where}: field 'recog.npz' crops are {sample.recog.shape}; expected (N, "
-                          f"{FACE_RECOG_SIZE}, {FACE_RECOG_SIZE}, 3)")
-    if sample.clip.ndim != 4 or sample.clip.shape[3] != 3 or sample.clip.shape[1] != sample.clip.shape[2]:
-        raise SampleError(f"{where}: field 'clip.npz' crops are {sample.clip.shape}; expected (N, S, S, 3)")
 
 
 class SkipCounter:
@@ -407,7 +359,7 @@ class FaceShardDataset(IterableDataset):
                 counter.skip(f"{r.get('__url__', '?')}:{sample.key}: no face")
                 continue
             if cfg.cached_latents:
-                reason = _latent_problem(sample, cfg.resolution)
+                reason = latent_problem(sample, cfg.resolution)
                 if reason:
                     counter.skip(f"{r.get('__url__', '?')}:{sample.key}: {reason}")
                     continue
@@ -427,86 +379,7 @@ class FaceShardDataset(IterableDataset):
             yield item
 
 
-def _latent_problem(sample: Sample, resolution: int) -> str | None:
-    """Why a sample's cached latent cannot be used at `resolution` (None when it can)."""
-    cached = sample.extra.get("latent")
-    if cached is None:
-        return f"no cached latent (field '{LATENT_KEY}'; write it with python -m datamodules.latent_cache)"
-    if cached.resolution != resolution:
-        return f"cached latent is for resolution {cached.resolution}, data.resolution is {resolution}"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------- collate
-def _resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (n, s, s, 3) -> (n, size, size, 3), bilinear (only when a shard's crop size differs)."""
-    if crops.shape[1] == size:
-        return crops
-    return np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.Resampling.BILINEAR)) for c in crops])
-
-
-def face_digest(recog: np.ndarray, clip: np.ndarray) -> int:
-    """Non-zero signed 64-bit fingerprint of one face's uint8 recognition and CLIP crops (BLAKE2b of their
-    shapes and bytes): the same crops always give the same value, different crops collide with chance 2^-64."""
-    h = hashlib.blake2b(digest_size=8)
-    for a in (recog, clip):
-        a = np.ascontiguousarray(a)
-        h.update(repr((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
-    return int.from_bytes(h.digest(), "little", signed=True) or 1
-
-
-def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch per-sample items into the batch contract (module docstring); faces padded to the batch maximum."""
-    b = len(items)
-    n_max = max(1, max(len(it["identity"]) for it in items))
-    res = items[0]["image"].shape[0]
-    clip_size = next((it["clip"].shape[1] for it in items if len(it["clip"])), FACE_RECOG_SIZE)
-    image = uint8_to_unit(np.stack([it["image"] for it in items]))  # (B, 3, H, W)
-    recog = torch.zeros(b, n_max, 3, FACE_RECOG_SIZE, FACE_RECOG_SIZE)  # (B, Nmax, 3, 112, 112)
-    clip = torch.zeros(b, n_max, 3, clip_size, clip_size)  # (B, Nmax, 3, S, S)
-    masks = torch.zeros(b, n_max, res, res)  # (B, Nmax, H, W)
-    valid = torch.zeros(b, n_max, dtype=torch.bool)
-    digest = torch.zeros(b, n_max, dtype=torch.long)
-    identity: list[list[str | None]] = []
-    reference: list[list[str | None]] = []
-    for i, it in enumerate(items):
-        n = len(it["identity"])
-        if n:
-            clip_crops = _resize_crops(it["clip"], clip_size)  # uint8 (n, S, S, 3)
-            recog[i, :n] = uint8_to_unit(it["recog"])
-            clip[i, :n] = uint8_to_unit(clip_crops)
-            masks[i, :n] = torch.from_numpy(it["masks"].astype(np.float32))
-            valid[i, :n] = True
-            digest[i, :n] = torch.tensor([face_digest(r, c) for r, c in zip(it["recog"], clip_crops)])
-        identity.append(list(it["identity"]) + [None] * (n_max - n))
-        reference.append(list(it["reference_key"]) + [None] * (n_max - n))
-    return {
-        "image": image,
-        "caption": [it["caption"] for it in items],
-        "face_recog": recog,
-        "face_clip": clip,
-        "face_masks": masks,
-        "face_valid": valid,
-        "face_digest": digest,
-        "identity": identity,
-        "reference_key": reference,
-        "key": [it["key"] for it in items],
-        "num_faces": torch.tensor([len(it["identity"]) for it in items], dtype=torch.long),
-        "skipped": torch.tensor([it["skipped"] for it in items], dtype=torch.long),
-    } | _collate_latents(items)
-
-
-def _collate_latents(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """{"latents": (B, C, h, w) float32, "latent_scaling": (B,) float64} when every item has a cached latent."""
-    if not all("latents" in it for it in items):
-        return {}
-    return {
-        "latents": torch.from_numpy(np.stack([it["latents"] for it in items]).astype(np.float32)),
-        "latent_scaling": torch.tensor([it["latent_scaling"] for it in items], dtype=torch.float64),
-    }
-
-
+# ---------------------------------------------------------------------------------------------- loader
 class EpochLoader(DataLoader):
     """DataLoader that tells its FaceShardDataset the epoch before each pass (new shuffle, same seed), and a
     stateful one (Lightning saves `state_dict()` in checkpoints and calls `load_state_dict()` on resume).

@@ -26,11 +26,9 @@ from typing import IO, Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from src.paths import is_local
+
 log = logging.getLogger(__name__)
-
-
-def _is_local(path: str | Path) -> bool:
-    return "://" not in str(path) or str(path).startswith("file://")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -63,7 +61,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
-        if not _is_local(path):
+        if not is_local(path):
             return super().save_checkpoint(checkpoint, path)
         path = Path(str(path).removeprefix("file://"))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +92,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if weights_only is False:
             raise ValueError(f"{type(self).__name__} loads checkpoints with weights_only=True only "
                              f"(asked for weights_only=False for '{path}')")
-        if not _is_local(path):
+        if not is_local(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         path = Path(str(path).removeprefix("file://"))
         if not path.is_file():

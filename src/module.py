@@ -11,7 +11,7 @@ is read from the UNet's and encoders' configs.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +21,16 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from src.conventions import vae_latents
-from src.metrics.identity import other_identity_partners
 from src.models import adapters
 from src.models.adapters import MULTI, SINGLE
 from src.models.context import FaceIDContext, RoutingRecord
-from src.models.id_embedding import IDEmbedding
+from src.models.id_embedding import IDEmbedding, QFormerSpec
 from src.models.identity_encoder import FeatureCache, IdentityEncoder
 from src.models.presets import ComponentPaths
 from src.models.router import routing_loss, schedule_tau
+from src.probes import ProbesMixin
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class QFormerSpec:
-    """Architecture and training-time regularisers of the ID embedding module (paper: 6 x 16 x 768)."""
-
-    depth: int = 6
-    num_queries: int = 16
-    width: int = 768
-    heads: int = 12
-    dim_head: int = 64
-    ff_mult: int = 4
-    p_drop_path: float = 0.33
-    p_drop_token: float = 0.33
-    token_drop_rate: float = 0.5
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,7 +41,7 @@ def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, weight_decay=1e-2)
 
 
-class UniPortraitModule(L.LightningModule):
+class UniPortraitModule(ProbesMixin, L.LightningModule):
     """Args:
     components: where the frozen base networks come from (local files).
     stage: 1 (single ID) or 2 (multi ID); the stage-switch callback moves 1 -> 2 mid-run.
@@ -399,72 +384,7 @@ class UniPortraitModule(L.LightningModule):
                           batch_size=own.numel(), sync_dist=True)
 
     # ------------------------------------------------------------------ public probes (callbacks use these)
-    @torch.no_grad()
-    def identity_gap(self, batch: dict[str, Any], generator: torch.Generator | None = None,
-                     draws: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image denoising loss with the image's own identity tokens and with those of another image
-        of the batch that shares none of its identity labels (`other_identity_partners`), same noise and
-        timesteps, averaged over `draws` noise draws (the frozen encoders run once). Returns (own, other),
-        each (M,) over the M images that have such a partner (an image of unknown identity, or a batch of
-        one person, has none). The identity pathway carries identity when own < other."""
-        partners = other_identity_partners(batch["identity"])
-        kept = [b for b, p in enumerate(partners) if p is not None]
-        latents, text, tokens, valid = self.probe_inputs(batch)
-        other = tokens[[b if p is None else p for b, p in enumerate(partners)]]  # (B, N, Q, D)
-        # A silent face-ID branch (every to_v_faceid zero, as before stage 1 trains) adds exactly 0 whatever the
-        # tokens, so the other identity's forward would repeat the own one bit for bit: it is not run.
-        silent = self.identity_path_silent()
-
-        def loss(tok: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
-            pred = self._denoise(noisy, t, text, self._context(tok, valid, latents, None))
-            return (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))[kept]  # (M,)
-
-        own_draws, other_draws = [], []
-        for _ in range(draws):
-            drawn = self._sample_noise(latents, generator)  # (noise, t, noisy)
-            own_draws.append(loss(tokens, *drawn))
-            other_draws.append(own_draws[-1] if silent else loss(other, *drawn))
-        return torch.stack(own_draws).mean(0), torch.stack(other_draws).mean(0)
-
-    def identity_path_silent(self) -> bool:
-        """True when the face-ID branch cannot change the UNet's output: no face-ID processor, a face-ID scale
-        of 0, or every to_v_faceid weight exactly zero (`value_init="zero"` before training), where the
-        branch's values, and so its output, are 0 for any identity tokens."""
-        values = [p for n, p in adapters.faceid_parameters(self.unet).items() if n.endswith("to_v_faceid.weight")]
-        return not values or self.hparams.faceid_scale == 0 or not any(bool(p.detach().any()) for p in values)
-
-    @torch.no_grad()
-    def probe_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What every probe forward of `batch` starts from, computed once in inference mode: scaled latents
-        (B, C, h, w), text states (B, 77, D), identity tokens (B, N, Q, D) and face validity (B, N)."""
-        was_training = self.training
-        self.eval()
-        out = (self.encode_images(batch["image"]), self.encode_text(batch["caption"]),
-               self.batch_identity_tokens(batch), batch["face_valid"])
-        self.train(was_training)
-        return out
-
-    @torch.no_grad()
-    def routing_maps(self, batch: dict[str, Any], timesteps: torch.Tensor | int, seed: int = 0,
-                     inputs: tuple[torch.Tensor, ...] | None = None) -> dict[str, Any]:
-        """Inference-mode routing of one denoising forward at `timesteps` (int or (B,)).
-
-        `inputs`: the batch's `probe_inputs` when several forwards share them (else computed here).
-        Returns {"names": [layer names], "hard": [(B, N, h, w) one-hot], "probs": [(B, N, h, w)],
-        "masks": (B, N, H, W) target face masks, "valid": (B, N)}. Callbacks use only this.
-        """
-        latents, text, tokens, valid = inputs if inputs is not None else self.probe_inputs(batch)
-        was_training = self.training
-        self.eval()
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
-        t = torch.as_tensor(timesteps, device=self.device).long().expand(latents.shape[0])
-        record = RoutingRecord()
-        self._denoise(self.scheduler.add_noise(latents, noise, t), t, text,
-                      self._context(tokens, valid, latents, record))
-        self.train(was_training)
-        return {"names": list(record.names), "hard": list(record.hard), "probs": list(record.probs),
-                "masks": batch["face_masks"], "valid": valid}
+    # identity_gap, identity_path_silent, probe_inputs, routing_maps: src/probes.py (ProbesMixin)
 
     # ------------------------------------------------------------------ checkpoints: adapters only
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -518,14 +438,14 @@ class UniPortraitModule(L.LightningModule):
         batch: "caption" (B strings), "face_recog" (B, N, 3, 112, 112), "face_clip" (B, N, 3, S, S) in
         [-1, 1], "face_valid" (B, N), "image" (B, 3, H, W) (only its size is used), and for several
         identities in stage 1 "face_masks" (B, N, H, W) (no routers yet: explicit masks replace them).
-        Sampling is `src.pipeline.UniPortraitPipeline` (DDIM, classifier-free guidance) built on this
+        Sampling is `src.inference.pipeline.UniPortraitPipeline` (DDIM, classifier-free guidance) built on this
         module's own networks (shared, not copied); sample b uses seed `seed + b`.
         Returns {"images": (B, 3, H, W) in [-1, 1]}. The module's mode and active LoRA are restored.
         """
         import numpy as np
 
+        from src.inference.pipeline import Identity, UniPortraitPipeline
         from src.models.presets import Components
-        from src.pipeline import Identity, UniPortraitPipeline
 
         was_training = self.training
         self.eval()

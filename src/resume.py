@@ -1,4 +1,4 @@
-"""Explicit or safe resuming for `src.train` (docs/running_at_scale.md, "What a resume guarantees").
+"""Explicit or safe resuming for training (`python -m src.train`; docs/running_at_scale.md, "What a resume guarantees").
 
 `fit` stores the run's settings (`run_settings`) in every checkpoint (`callbacks.reliability.RunSettings`);
 a run started without `--ckpt_path` resumes from the checkpoint Lightning finds by itself only when that

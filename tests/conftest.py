@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 
 
 def build_world(root: Path) -> Path:
-    from datamodules.synthetic import SyntheticConfig
+    from datamodules.synthetic.dataset import SyntheticConfig
     from src.tiny import build
 
     with torch.random.fork_rng():

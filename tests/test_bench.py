@@ -1,20 +1,21 @@
-"""`make bench` (src/bench.py) on the tiny world: both stages, encoded and cached latents, cached encoder
-features, doc section rewritten."""
+"""`make bench` (src/cli/bench.py, src/benchmarks/) on the tiny world: both stages, encoded and cached latents,
+cached encoder features, doc section rewritten."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from src import bench
+from src.benchmarks import sd15, tiny_cpu
+from src.cli import bench, bench_sd15
 
 
 def test_bench_measures_both_stages_and_rewrites_only_its_section(tiny_world, tmp_path, capsys):
     doc = tmp_path / "benchmarks.md"
-    doc.write_text(f"# Benchmarks\n\nbefore\n\n{bench.BEGIN}\nold table\n{bench.END}\n\nafter\n")
+    doc.write_text(f"# Benchmarks\n\nbefore\n\n{tiny_cpu.BEGIN}\nold table\n{tiny_cpu.END}\n\nafter\n")
     bench.main(["--world", str(tiny_world), "--batch-size", "2", "--steps", "1", "--doc", str(doc)])
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nbefore\n\n") and text.endswith("\n\nafter\n")
-    assert "old table" not in text and text.count(bench.BEGIN) == 1
+    assert "old table" not in text and text.count(tiny_cpu.BEGIN) == 1
     rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert [tuple(c.strip() for c in r.split("|")[1:4]) for r in rows] == [
         (stage, latents, features) for stage in ("1", "2")
@@ -26,14 +27,12 @@ def test_bench_measures_both_stages_and_rewrites_only_its_section(tiny_world, tm
 def test_sd15_bench_code_runs_on_the_tiny_architecture(tmp_path, capsys):
     """The GPU benchmark's code path (random weights, baseline loop, both stages, UNet part, a
     checkpointed big batch, inference with 0/1/2 identities) on the tiny architecture on the CPU."""
-    from src import bench_sd15
-
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n")
     bench_sd15.main(["--arch", "tiny", "--batch-size", "2", "--iters", "1", "--warmup", "0", "--steps", "2",
                      "--infer-iters", "1", "--big-batch", "3", "--doc", str(doc)])
     text = doc.read_text()
-    assert text.count(bench_sd15.BEGIN) == 1 and "Architecture `tiny`" in text
+    assert text.count(sd15.BEGIN) == 1 and "Architecture `tiny`" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     for name in ("baseline LoRA loop", "stage 1", "stage 1, UNet part", "stage 2", "stage 1, gradient checkpointing",
                  "plain SD1.5 pipeline", "UniPortrait, 0 identities", "UniPortrait, 1 identity",

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from src import guard
-from src.train import resolve_config
+from src.cli import guard as guard_cli
+from src.config import resolve_config
+from src.tiny import guard
 
 ROOT = Path(__file__).resolve().parents[1]
 BANDS = ("t<250", "250<=t<500", "500<=t<750", "t>=750", "all")
@@ -29,13 +30,13 @@ def _write(runs: Path, gap: float, se: float, routed: tuple[float, float], contr
 
 def test_guard_passes_learned_runs_and_names_each_figure_that_misses(tmp_path, capsys):
     _write(tmp_path, gap=8e-4, se=1e-4, routed=(0.83, 0.66), control=(0.50, 0.33))
-    assert guard.main(["check", "--runs", str(tmp_path)]) == 0
+    assert guard_cli.main(["check", "--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("[guard] ok") == 2 + 4 + 4 and "other bands: 250<=t<500 0.830" in out
 
     # no identity (gap within noise), a router at chance, and a control that routes as if trained
     _write(tmp_path, gap=1e-4, se=1e-4, routed=(0.55, 0.40), control=(0.83, 0.66))
-    assert guard.main(["check", "--runs", str(tmp_path)]) == 1
+    assert guard_cli.main(["check", "--runs", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert captured.out.count("[guard] FAIL") == 2 + 4 + 4
     assert "stage 1 identity gap, seen identities, in standard errors" in captured.err
@@ -44,14 +45,14 @@ def test_guard_passes_learned_runs_and_names_each_figure_that_misses(tmp_path, c
     assert "required in [0.253, 0.413]" in captured.err
 
     _write(tmp_path, gap=8e-4, se=1e-4, routed=(0.83, 0.66), control=(0.50, 0.33))
-    assert guard.main(["check", "--runs", str(tmp_path), "--min-routing-margin", "0.4"]) == 1  # thresholds apply
+    assert guard_cli.main(["check", "--runs", str(tmp_path), "--min-routing-margin", "0.4"]) == 1  # thresholds apply
 
 
 def test_guard_without_a_report_names_the_file(tmp_path):
     _write(tmp_path, gap=8e-4, se=1e-4, routed=(0.83, 0.66), control=(0.50, 0.33))
     (tmp_path / "stage2_lambda0" / "report.json").unlink()
     with pytest.raises(FileNotFoundError, match="stage2_lambda0/report.json"):
-        guard.main(["check", "--runs", str(tmp_path)])
+        guard_cli.main(["check", "--runs", str(tmp_path)])
 
 
 def test_control_config_is_stage2_without_routing_loss_in_its_own_folder():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from src.models import adapters
-from src.module import MULTI, SINGLE, QFormerSpec, UniPortraitModule
+from src.models.id_embedding import QFormerSpec
+from src.module import MULTI, SINGLE, UniPortraitModule
 from src.tiny import tiny_components
 
 

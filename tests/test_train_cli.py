@@ -1,4 +1,4 @@
-"""The real CLI (`src.train.main`), as a user runs it: configs, fast_dev_run, resume, errors."""
+"""The real CLI (`src.cli.train.main`), as a user runs it: configs, fast_dev_run, resume, errors."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 
-from src.train import main, resolve_config
+from src.cli.train import main
+from src.config import resolve_config
 from tests.helpers import SMALL_MODEL, tiny_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -19,13 +20,17 @@ def test_every_config_resolves_and_stage_configs_hold_overrides_only():
     for path in ALL_CONFIGS:
         cfg = resolve_config(path)
         assert {"model", "data", "trainer"} <= set(cfg), path
-    stage2 = yaml.safe_load((CONFIGS / "stage2.yaml").read_text())
-    assert stage2["inherits"] == "stage1.yaml"
-    assert stage2["model"]["stage"] == 2 and stage2["data"]["multi_id"] is True
-    # overrides only: nothing repeated verbatim from stage 1's model section
-    stage1 = yaml.safe_load((CONFIGS / "stage1.yaml").read_text())
-    assert "components" not in stage2["model"]
-    assert not (set(stage2["model"]) & {k for k, v in stage1["model"].items() if stage2["model"].get(k) == v})
+    for stage1_path, stage2_path in ((CONFIGS / "stage1.yaml", CONFIGS / "stage2.yaml"),
+                                     (CONFIGS / "tiny" / "stage1.yaml", CONFIGS / "tiny" / "stage2.yaml")):
+        stage1, stage2 = (yaml.safe_load(p.read_text()) for p in (stage1_path, stage2_path))
+        assert stage2["inherits"] == "stage1.yaml"
+        assert resolve_config(stage2_path)["model"]["stage"] == 2 and stage2["data"]["multi_id"] is True
+        # overrides only: nothing repeated verbatim from stage 1, in the model section or among the callbacks
+        assert "components" not in stage2["model"]
+        assert not (set(stage2["model"]) & {k for k, v in stage1["model"].items() if stage2["model"].get(k) == v})
+        callbacks1, callbacks2 = stage1["trainer"].get("callbacks", {}), stage2["trainer"].get("callbacks", {})
+        assert isinstance(callbacks2, dict), f"{stage2_path}: trainer.callbacks should name its callbacks"
+        assert not [k for k, v in callbacks2.items() if callbacks1.get(k) == v], stage2_path
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))

@@ -17,6 +17,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
@@ -26,6 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from src.models.faceid_attention import FaceIDAttnProcessor, SelfAttnProcessor, base_linear
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 __all__ = [
     "LORA_TARGETS",
@@ -64,7 +68,7 @@ def _attention_of(unet: nn.Module, processor_name: str) -> Attention:
 
 
 def install_faceid_processors(
-    unet: nn.Module,
+    unet: UNet2DConditionModel,
     id_dim: int | None = None,
     num_tokens: int = 16,
     with_router: bool = False,
@@ -94,6 +98,7 @@ def install_faceid_processors(
         if not isinstance(old, (AttnProcessor, AttnProcessor2_0)):
             raise TypeError(f"{name}: unsupported existing processor {type(old).__name__} (expected a stock one)")
         attn = _attention_of(unet, name)
+        proc: FaceIDAttnProcessor | SelfAttnProcessor
         if name.endswith("attn2" + PROCESSOR_SUFFIX) and attn.is_cross_attention:
             to_q, to_k = base_linear(attn.to_q), base_linear(attn.to_k)
             proc = FaceIDAttnProcessor(
@@ -149,7 +154,7 @@ def lora_names(unet: nn.Module) -> list[str]:
     return list(getattr(unet, "peft_config", {}) or {})
 
 
-def add_lora(unet: nn.Module, name: str, rank: int, init_from: str | None = None) -> None:
+def add_lora(unet: UNet2DConditionModel, name: str, rank: int, init_from: str | None = None) -> None:
     """Add a peft LoRA set `name` (rank r, alpha r -> scale 1) on to_q/to_k/to_v/to_out.0 of every attention.
 
     peft inits A randomly and B to zero (the adapter starts as identity). `add_adapter` freezes every
@@ -190,7 +195,7 @@ def _copy_lora(unet: nn.Module, src: str, dst: str) -> None:
             w_dst.copy_(w_src)
 
 
-def set_active_lora(unet: nn.Module, name: str | None) -> None:
+def set_active_lora(unet: UNet2DConditionModel, name: str | None) -> None:
     """Activate exactly one LoRA set (`name`) or none (None: base weights exactly).
 
     peft toggles requires_grad when (de)activating; the flags are restored, so trainability is

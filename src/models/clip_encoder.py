@@ -13,12 +13,16 @@ The class token is removed and the tokens are not normalised (no ``ln_post``, no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 from torch import nn
 
 from src.models.face_backbone import describe_key_mismatch, freeze, read_state_dict
+
+if TYPE_CHECKING:
+    from open_clip.transformer import VisionTransformer
+    from transformers import CLIPVisionModelWithProjection
 
 
 def _unwrap_open_clip_state(obj: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
@@ -47,7 +51,7 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def _is_transformers_clip_vision(tower: nn.Module) -> bool:
+def _is_transformers_clip_vision(tower: nn.Module) -> TypeGuard[CLIPVisionModelWithProjection]:
     """isinstance check that imports transformers (slow) only when the tower is not open_clip's."""
     from transformers import CLIPVisionModelWithProjection
 
@@ -184,7 +188,7 @@ class ClipPatchEncoder(nn.Module):
     # ------------------------------------------------------------------ forward
     def _open_clip_penultimate(self, pixels: torch.Tensor) -> torch.Tensor:
         """open_clip 3.3.0 VisionTransformer.forward up to (not including) the last block."""
-        vt = self.tower
+        vt = cast("VisionTransformer", self.tower)  # backend "open_clip"
         x = vt._embeds(pixels)  # conv1 -> class token -> pos emb -> patch_dropout -> ln_pre; (B, 1+N, W)
         tr = vt.transformer
         if not tr.batch_first:

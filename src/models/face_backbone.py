@@ -39,7 +39,7 @@ def freeze(module: nn.Module) -> nn.Module:
     parent module, so their BatchNorm statistics stay fixed while the rest of a model trains.
     """
     if hasattr(module, "frozen"):
-        module.frozen = True
+        module.frozen = True  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for Tensor | Module only
     module.eval()
     module.requires_grad_(False)
     return module
@@ -100,7 +100,7 @@ class IRBackbone(nn.Module):
     def __init__(
         self,
         num_layers: int = 100,
-        widths: tuple[int, int, int, int] = (64, 128, 256, 512),
+        widths: tuple[int, ...] = (64, 128, 256, 512),
         embedding_size: int = 512,
         input_size: int = 112,
     ) -> None:
@@ -244,7 +244,7 @@ def describe_key_mismatch(path: str | Path, missing: list[str], unexpected: list
 def load_face_backbone(
     path: str | Path,
     num_layers: int = 100,
-    widths: tuple[int, int, int, int] = (64, 128, 256, 512),
+    widths: tuple[int, ...] = (64, 128, 256, 512),
     embedding_size: int = 512,
 ) -> IRBackbone:
     """Build an ``IRBackbone`` and strictly load a TFace-layout state dict; returns it frozen, in eval mode.

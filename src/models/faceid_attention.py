@@ -13,6 +13,7 @@ identities and no router is installed), explicit masks when `ctx.masks` is given
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +45,10 @@ def layer_hw(latent_hw: tuple[int, int], seq_len: int) -> tuple[int, int]:
     return h, w
 
 
-def base_linear(module: nn.Module) -> nn.Module:
+def base_linear(module: nn.Module) -> nn.Linear:
     """The plain Linear under a peft LoRA wrapper (or the module itself when not wrapped)."""
     get_base = getattr(module, "get_base_layer", None)
-    return get_base() if callable(get_base) else module
+    return cast(nn.Linear, get_base() if callable(get_base) else module)
 
 
 class FaceIDAttnProcessor(nn.Module):
@@ -282,6 +283,7 @@ class FaceIDAttnProcessor(nn.Module):
     def _mask_weights(self, ctx: FaceIDContext, valid: torch.Tensor, seq_len: int) -> torch.Tensor:
         """Explicit masks (B, N, H', W') -> (B, L, N) weights normalised over identities."""
         masks = ctx.masks
+        assert masks is not None  # the caller (`_weights`) checked it
         if masks.ndim != 4 or masks.shape[:2] != valid.shape:
             raise ValueError(
                 f"{self.name or 'FaceIDAttnProcessor'}: FaceIDContext.masks must be (B, N, H, W) with (B, N) = "

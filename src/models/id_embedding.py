@@ -13,7 +13,9 @@ Output:     norm_out(proj_out(q))  -> (B, num_queries, output_dim)
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -79,6 +81,21 @@ def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
 def two_layer_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
     """Linear(in, 2*in), GELU, Linear(2*in, out) (``proj_id`` and ``proj_clip``)."""
     return nn.Sequential(nn.Linear(in_dim, 2 * in_dim), nn.GELU(), nn.Linear(2 * in_dim, out_dim))
+
+
+@dataclass
+class QFormerSpec:
+    """Architecture and training-time regularisers of the ID embedding module (paper: 6 x 16 x 768)."""
+
+    depth: int = 6
+    num_queries: int = 16
+    width: int = 768
+    heads: int = 12
+    dim_head: int = 64
+    ff_mult: int = 4
+    p_drop_path: float = 0.33
+    p_drop_token: float = 0.33
+    token_drop_rate: float = 0.5
 
 
 class IDEmbedding(nn.Module):
@@ -203,7 +220,7 @@ class IDEmbedding(nn.Module):
         q = self.latents.expand(b, -1, -1)  # (B, Q, width)
         f_r = self.proj_id(intrinsic)  # (B, R*49, width)
         f_s = self.proj_clip(structure)  # (B, R*Ts, width)
-        for attn1, attn2, ff in self.layers:
+        for attn1, attn2, ff in cast("Iterable[nn.ModuleList]", self.layers):  # (attn1, attn2, ffn) per layer
             q = attn1(f_r, q) + q
             q = beta_t * attn2(f_s, q, bias) + q
             q = ff(q) + q

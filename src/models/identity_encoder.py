@@ -1,10 +1,11 @@
 """Reference face crops -> identity tokens: frozen face backbone + frozen CLIP tower + the
-trainable ID embedding (Q-Former). Shared by training (src/module.py) and inference (src/pipeline.py).
+trainable ID embedding (Q-Former). Shared by training (src/module.py) and inference (src/inference/pipeline.py).
 """
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from typing import cast
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ class FeatureCache:
 
     The face backbone and the CLIP tower never change during training, so a face crop that comes back
     (the same sample in a later epoch) has the same features: looking them up skips both forwards. Keys
-    are the data pipeline's `face_digest` (datamodules.loader: a hash of the crops' uint8 bytes), so a
+    are the data pipeline's `face_digest` (datamodules.collate: a hash of the crops' uint8 bytes), so a
     crop that changes (another reference photo, an augmentation) is simply a new key. Least recently
     used entries are evicted beyond `max_faces`. Entries stay on the device they were computed on;
     the cache empties itself if the encoders' device or dtype changes. Not saved in checkpoints: a
@@ -120,9 +121,11 @@ class IdentityEncoder(nn.Module):
         if miss:
             intrinsic, structure = self._encode(recog[miss], clip_crop[miss])  # (M', R*49, C_id), (M', R*G*G, C)
             for j, i in enumerate(miss):
-                found[i] = (intrinsic[j].clone(), structure[j].clone())
-                self.cache.put(key_list[i], found[i])
-        return torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
+                entry = (intrinsic[j].clone(), structure[j].clone())
+                found[i] = entry
+                self.cache.put(key_list[i], entry)
+        rows = cast("list[tuple[torch.Tensor, torch.Tensor]]", found)  # every row is filled now
+        return torch.stack([f[0] for f in rows]), torch.stack([f[1] for f in rows])
 
     def _encode(self, recog: torch.Tensor, clip_crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen encoders' forward (see `features`)."""

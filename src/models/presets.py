@@ -6,7 +6,8 @@ configs point it at real weights; the embedded default (`src.tiny`) writes tiny 
 exactly those formats and points it at them, so the loading code is the same.
 
 Also here: the SD1.5-compatible CLIP tokenizer built offline from the BPE vocabulary that ships
-inside open_clip, and the tiny architectures of the embedded default.
+inside open_clip, and SD1.5's training noise schedule. The embedded default's tiny architectures live
+in `src.tiny.architectures`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from src.models.clip_encoder import ClipPatchEncoder
 from src.models.face_backbone import IRBackbone, load_face_backbone
@@ -156,62 +157,6 @@ def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77) -> CLI
     )
     tok.save_pretrained(out)
     return tok
-
-
-# --------------------------------------------------------------------------------------------
-# The embedded default's tiny architectures (random weights; written to disk by src.tiny).
-# --------------------------------------------------------------------------------------------
-TINY_CROSS_DIM = 64
-TINY_FACE_WIDTHS = (16, 32, 64, 128)
-TINY_FACE_EMBEDDING = 128
-TINY_CLIP_VISION = {"image_size": 56, "patch_size": 7, "width": 64, "layers": 3, "head_width": 16}
-TINY_CLIP_EMBED_DIM = 64
-
-
-def tiny_unet(sample_size: int = 16, cross_attention_dim: int = TINY_CROSS_DIM) -> UNet2DConditionModel:
-    """Two-resolution SD1.5-shaped UNet: cross-attention at 16x16 and 8x8 latents (and the mid block)."""
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(64, 128),  # first width >= latent channels (narrower plateaued in a prototype)
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-
-
-def tiny_vae() -> AutoencoderKL:
-    """Factor-4 VAE (64 px -> 16x16x4 latents)."""
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-
-
-def tiny_text_encoder(hidden_size: int = TINY_CROSS_DIM) -> CLIPTextModel:
-    cfg = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    return CLIPTextModel(cfg)
 
 
 def sd15_scheduler() -> DDPMScheduler:

@@ -170,7 +170,7 @@ def routing_loss(
         if psi.ndim != 4 or psi.shape[:2] != masks.shape[:2]:
             raise ValueError(f"routing_loss: probs[{i}] must be (B, N, h, w) = {tuple(masks.shape[:2])} + (h, w), "
                              f"got {tuple(psi.shape)}")
-        m = resize_masks_binary(masks, tuple(psi.shape[-2:])).to(psi.dtype) * validf  # (B, N, h, w)
+        m = resize_masks_binary(masks, (psi.shape[-2], psi.shape[-1])).to(psi.dtype) * validf  # (B, N, h, w)
         w_route = m.amax(dim=1, keepdim=True)  # (B, 1, h, w) union of the faces
         sq = ((w_route * (psi * validf - m)) ** 2).sum(dim=(1, 2, 3))  # (B,)
         per_sample = lam * sq / num_valid.clamp(min=1).to(psi.dtype) * multi  # (B,)

@@ -11,10 +11,11 @@ import pytest
 import torch
 import webdataset as wds
 
+from datamodules.collate import face_digest
 from datamodules.datamodule import FaceShardDataModule
-from datamodules.loader import face_digest, resolve_shards
+from datamodules.loader import resolve_shards
 from datamodules.schema import Face, Sample, decode_sample, encode_sample
-from datamodules.synthetic import SyntheticConfig, generate
+from datamodules.synthetic.dataset import SyntheticConfig, generate
 from src.conventions import uint8_to_unit
 
 RES = 48

@@ -1,4 +1,4 @@
-"""Cached VAE latents (datamodules.latent_cache): written once, read by the DataModule instead of encoding."""
+"""Cached VAE latents (datamodules.latents): written once, read by the DataModule instead of encoding."""
 from __future__ import annotations
 
 import logging
@@ -12,9 +12,11 @@ import torch
 import webdataset as wds
 
 from datamodules.datamodule import FaceShardDataModule
-from datamodules.latent_cache import load_vae, main
+from datamodules.latents import load_vae
 from datamodules.schema import LATENT_KEY, decode_sample, encode_sample
-from src.module import QFormerSpec, UniPortraitModule
+from src.cli.latent_cache import main
+from src.models.id_embedding import QFormerSpec
+from src.module import UniPortraitModule
 from src.tiny import tiny_components
 
 

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-import datamodules.prepare as prep
+import datamodules.prepare.run as prepare_run
 from datamodules.captions import CaptionFileError, VLMCaptioner, key_candidates, load_caption_table, lookup_caption
+from datamodules.prepare.config import PrepareConfig, PrepareError
+from datamodules.prepare.image import REASONS, select_faces
+from datamodules.prepare.sources.wds import resolve_tars
 from datamodules.schema import REQUIRED_KEYS, Sample, decode_sample
+from src.cli.prepare import main as prep_main
 from src.faces import box_mask
 from tests.data import fixtures
 
@@ -42,7 +46,7 @@ def read_all(out: Path, manifest: dict) -> dict[str, Sample]:
 
 
 def expected_drops(outcomes: list[str]) -> dict[str, int]:
-    counts = {r: 0 for r in prep.REASONS}
+    counts = {r: 0 for r in REASONS}
     for o in outcomes:
         if o != "kept":
             counts[o] += 1
@@ -82,7 +86,7 @@ def folder_run(tmp_path_factory):
     out = root / "out"
     argv = ["--input", str(root / "photos"), "--format", "folder", "--out", str(out), "--captions", str(captions),
             "--samples-per-shard", "3"]
-    manifest = prep.main(argv)
+    manifest = prep_main(argv)
     return out, manifest, expected
 
 
@@ -138,7 +142,7 @@ def wds_run(tmp_path_factory):
     out = root / "out"
     argv = ["--input", str(root / "shards"), "--format", "wds", "--out", str(out), "--captions", str(captions),
             "--resolution-max", "200", "--min-face-size", "20"]
-    return out, prep.main(argv), expected
+    return out, prep_main(argv), expected
 
 
 def test_wds_counts_captions_and_resolution(wds_run):
@@ -157,11 +161,11 @@ def test_wds_counts_captions_and_resolution(wds_run):
 def test_resolve_tars_patterns(tmp_path):
     for i in range(3):
         (tmp_path / f"{i:05d}.tar").write_bytes(b"")
-    assert [p.name for p in prep.resolve_tars(str(tmp_path))] == ["00000.tar", "00001.tar", "00002.tar"]
-    assert [p.name for p in prep.resolve_tars(str(tmp_path / "{00000..00001}.tar"))] == ["00000.tar", "00001.tar"]
-    assert [p.name for p in prep.resolve_tars(str(tmp_path / "*2.tar"))] == ["00002.tar"]
-    with pytest.raises(prep.PrepareError, match="nothing_here"):
-        prep.resolve_tars(str(tmp_path / "nothing_here/*.tar"))
+    assert [p.name for p in resolve_tars(str(tmp_path))] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert [p.name for p in resolve_tars(str(tmp_path / "{00000..00001}.tar"))] == ["00000.tar", "00001.tar"]
+    assert [p.name for p in resolve_tars(str(tmp_path / "*2.tar"))] == ["00002.tar"]
+    with pytest.raises(PrepareError, match="nothing_here"):
+        resolve_tars(str(tmp_path / "nothing_here/*.tar"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ def test_celeba_identities_and_landmark_fallback(tmp_path):
     torch.manual_seed(0)
     expected = fixtures.make_celeba(tmp_path / "celeba", n_eval=1)
     out = tmp_path / "out"
-    manifest = prep.main(["--input", str(tmp_path / "celeba"), "--format", "celeba", "--out", str(out)])
+    manifest = prep_main(["--input", str(tmp_path / "celeba"), "--format", "celeba", "--out", str(out)])
     assert manifest["dropped"] == expected_drops([e["outcome"] for e in expected.values()])
     assert manifest["landmark_fallback"] == 1
     samples = read_all(out, manifest)
@@ -190,7 +194,7 @@ def test_celeba_identities_and_landmark_fallback(tmp_path):
 
 def test_celeba_without_fallback_drops_faceless(tmp_path):
     expected = fixtures.make_celeba(tmp_path / "celeba", n_eval=0)
-    manifest = prep.main(["--input", str(tmp_path / "celeba"), "--format", "celeba", "--out", str(tmp_path / "out"),
+    manifest = prep_main(["--input", str(tmp_path / "celeba"), "--format", "celeba", "--out", str(tmp_path / "out"),
                           "--no-landmark-fallback"])
     assert manifest["landmark_fallback"] == 0
     assert manifest["dropped"]["no_face"] == 2
@@ -198,8 +202,8 @@ def test_celeba_without_fallback_drops_faceless(tmp_path):
 
 
 def test_celeba_missing_layout_is_a_clear_error(tmp_path):
-    with pytest.raises(prep.PrepareError, match="img_align_celeba"):
-        prep.main(["--input", str(tmp_path), "--format", "celeba", "--out", str(tmp_path / "out")])
+    with pytest.raises(PrepareError, match="img_align_celeba"):
+        prep_main(["--input", str(tmp_path), "--format", "celeba", "--out", str(tmp_path / "out")])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +223,7 @@ def test_tmp_name_then_rename_and_resume(tmp_path, monkeypatch):
     photos = small_folder(tmp_path / "photos")
     out = tmp_path / "out"
     argv = ["--input", str(photos), "--format", "folder", "--out", str(out), "--samples-per-shard", "1"]
-    real_process = prep.process_item
+    real_process = prepare_run.process_item
     seen: list[tuple[int, set[str]]] = []
 
     def spying_process(index, item, *args, **kwargs):
@@ -228,9 +232,9 @@ def test_tmp_name_then_rename_and_resume(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash while writing shard 2")
         return real_process(index, item, *args, **kwargs)
 
-    monkeypatch.setattr(prep, "process_item", spying_process)
+    monkeypatch.setattr(prepare_run, "process_item", spying_process)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        prep.main(argv)
+        prep_main(argv)
     for index, names in seen:  # while shard i is written only its temporary name exists
         assert f"shard-{index:06d}.tar.tmp" in names and f"shard-{index:06d}.tar" not in names
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar", "shard-000001.tar"]
@@ -238,8 +242,8 @@ def test_tmp_name_then_rename_and_resume(tmp_path, monkeypatch):
     assert partial["completed_shards"] == ["shard-000000.tar", "shard-000001.tar"] and partial["finished"] is False
     mtimes = {n: os.stat(out / n).st_mtime_ns for n in partial["completed_shards"]}
 
-    monkeypatch.setattr(prep, "process_item", real_process)
-    manifest = prep.main(argv)
+    monkeypatch.setattr(prepare_run, "process_item", real_process)
+    manifest = prep_main(argv)
     assert manifest["completed_shards"] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert {n: os.stat(out / n).st_mtime_ns for n in mtimes} == mtimes  # completed shards untouched
     assert manifest["throughput"]["images"] == 1  # only the missing shard's input was processed
@@ -248,25 +252,25 @@ def test_tmp_name_then_rename_and_resume(tmp_path, monkeypatch):
 
     # a completed shard whose file vanished is redone; nothing else is
     (out / "shard-000000.tar").unlink()
-    again = prep.main(argv)
+    again = prep_main(argv)
     assert again["throughput"]["images"] == 1 and (out / "shard-000000.tar").is_file()
     assert again["dropped"] == manifest["dropped"] and again["kept"] == manifest["kept"]
 
     # different settings or changed inputs are refused, naming what changed
-    with pytest.raises(prep.PrepareError, match="min_prob"):
-        prep.main(argv + ["--min-prob", "0.5"])
+    with pytest.raises(PrepareError, match="min_prob"):
+        prep_main(argv + ["--min-prob", "0.5"])
     fixtures.save_jpeg(photos / "0.jpg", fixtures.astronaut(64))  # sorts first: shifts every slot
-    with pytest.raises(prep.PrepareError, match="shard-000000.tar: its inputs changed"):
-        prep.main(argv)
+    with pytest.raises(PrepareError, match="shard-000000.tar: its inputs changed"):
+        prep_main(argv)
     (photos / "0.jpg").unlink()
     (photos / "c.jpg").unlink()  # fewer inputs: the manifest's last shard no longer has a slot
-    with pytest.raises(prep.PrepareError, match="shard-000002.tar"):
-        prep.main(argv)
+    with pytest.raises(PrepareError, match="shard-000002.tar"):
+        prep_main(argv)
 
 
 def test_help_documents_the_cli(capsys):
     with pytest.raises(SystemExit) as e:
-        prep.main(["--help"])
+        prep_main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for word in ("--format", "folder", "wds", "celeba", "--captions", "--min-face-size", "manifest.json",
@@ -275,11 +279,11 @@ def test_help_documents_the_cli(capsys):
 
 
 def test_invalid_settings_are_named(tmp_path):
-    with pytest.raises(prep.PrepareError, match="max-faces"):
-        prep.main(["--input", str(tmp_path), "--format", "folder", "--out", str(tmp_path / "o"),
+    with pytest.raises(PrepareError, match="max-faces"):
+        prep_main(["--input", str(tmp_path), "--format", "folder", "--out", str(tmp_path / "o"),
                    "--min-faces", "2", "--max-faces", "1"])
-    with pytest.raises(prep.PrepareError, match="no images"):
-        prep.main(["--input", str(tmp_path), "--format", "folder", "--out", str(tmp_path / "o")])
+    with pytest.raises(PrepareError, match="no images"):
+        prep_main(["--input", str(tmp_path), "--format", "folder", "--out", str(tmp_path / "o")])
 
 
 def test_select_faces_reasons_in_order():
@@ -288,16 +292,16 @@ def test_select_faces_reasons_in_order():
     def face(size: float, prob: float) -> DetectedFace:
         return DetectedFace(np.array([0, 0, size, size], np.float32), np.zeros((5, 2), np.float32), prob)
 
-    cfg = prep.PrepareConfig(input=".", format="folder", out=".", min_faces=1, max_faces=1, min_face_size=32,
-                             min_prob=0.9)
-    assert prep.select_faces([], cfg)[1] == "no_face"
-    assert prep.select_faces([face(100, 0.5)], cfg)[1] == "low_confidence"
-    assert prep.select_faces([face(20, 0.99)], cfg)[1] == "too_small"
-    assert prep.select_faces([face(100, 0.99), face(80, 0.95)], cfg)[1] == "too_many_faces"
-    kept, reason = prep.select_faces([face(100, 0.99), face(20, 0.99), face(90, 0.3)], cfg)
+    cfg = PrepareConfig(input=".", format="folder", out=".", min_faces=1, max_faces=1, min_face_size=32,
+                        min_prob=0.9)
+    assert select_faces([], cfg)[1] == "no_face"
+    assert select_faces([face(100, 0.5)], cfg)[1] == "low_confidence"
+    assert select_faces([face(20, 0.99)], cfg)[1] == "too_small"
+    assert select_faces([face(100, 0.99), face(80, 0.95)], cfg)[1] == "too_many_faces"
+    kept, reason = select_faces([face(100, 0.99), face(20, 0.99), face(90, 0.3)], cfg)
     assert reason is None and len(kept) == 1 and kept[0].short_side == 100  # small / unsure ones ignored
     cfg.min_faces, cfg.max_faces = 2, 3
-    assert prep.select_faces([face(100, 0.99)], cfg)[1] == "too_few_faces"
+    assert select_faces([face(100, 0.99)], cfg)[1] == "too_few_faces"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +390,7 @@ def test_prepare_with_captioner_and_two_faces(tmp_path, tiny_blip):
     (photos / "grace/g1.txt").write_text("source text that the captioner replaces", encoding="utf-8")
     captions = write_jsonl(tmp_path / "caps.jsonl", [{"key": "group", "caption": "two pioneers side by side"}])
     out = tmp_path / "out"
-    manifest = prep.main(["--input", str(photos), "--format", "folder", "--out", str(out), "--captions", str(captions),
+    manifest = prep_main(["--input", str(photos), "--format", "folder", "--out", str(out), "--captions", str(captions),
                           "--captioner", str(tiny_blip), "--max-faces", "2", "--clip-size", "160"])
     samples = read_all(out, manifest)
     assert manifest["kept"] == 2
@@ -404,7 +408,7 @@ def test_prepare_with_captioner_and_two_faces(tmp_path, tiny_blip):
 def test_tiny_stage1_trains_from_shards_prepared_from_real_photos(folder_run, tiny_world, tmp_path):
     """One shard schema: the tiny stage-1 config trains (2 steps through the real CLI) on shards this
     preparation made from real photographs."""
-    from src.train import main
+    from src.cli.train import main
     from tests.helpers import tiny_args
 
     out, manifest, _ = folder_run

@@ -15,7 +15,7 @@ import webdataset as wds
 
 from datamodules.datamodule import FaceShardDataModule
 from datamodules.loader import resolve_shards
-from datamodules.synthetic import SyntheticConfig, generate
+from datamodules.synthetic.dataset import SyntheticConfig, generate
 
 WORLD = 2
 WORKERS = 2

@@ -10,20 +10,12 @@ import pytest
 import webdataset as wds
 
 from datamodules.schema import IMAGE_KEYS, REQUIRED_KEYS, decode_sample
-from datamodules.synthetic import (
-    CANVAS_OFFSET,
-    FaceCache,
-    SyntheticConfig,
-    box_to_mask,
-    face_width_range,
-    generate,
-    identity_params,
-    main,
-    render_canonical,
-    render_identity_crops,
-    render_sample,
-)
+from datamodules.synthetic.canonical import CANVAS_OFFSET, FaceCache, render_canonical
+from datamodules.synthetic.dataset import SyntheticConfig, generate, render_identity_crops
+from datamodules.synthetic.identities import identity_params
+from datamodules.synthetic.scene import box_to_mask, face_width_range, render_sample
 from src.alignment import align_face, template
+from src.cli.synthetic import main
 from src.conventions import ARCFACE_TEMPLATE_112
 
 TINY = dict(size=64, identities=6, unseen=3, single=10, multi=8, heldout=3, max_faces=3, samples_per_shard=4,

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from datamodules.schema import Face, Sample
-from datamodules.synthetic import FaceCache, box_to_mask, render_sample
+from datamodules.synthetic.canonical import FaceCache
+from datamodules.synthetic.scene import box_to_mask, render_sample
 from datamodules.transforms import centre_square, eval_face_crop, random_face_crop, random_square
 
 COLOURS = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]

@@ -10,11 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.synthetic import manifest_identities
-from src import benchmark_prompts as bp
-from src import evaluate
-from src.generate import DEFAULT_TINY
-from src.train import main as train_main
+from datamodules.synthetic.identities import manifest_identities
+from src.cli import evaluate
+from src.cli.train import main as train_main
+from src.evaluation import benchmark, identities
+from src.evaluation import prompts as bp
+from src.evaluation.scoring import ProtocolScores
+from src.evaluation.synthetic_recognizer import nms, sliding_windows
+from src.inference.loading import DEFAULT_TINY
 from tests.helpers import SMALL_MODEL, tiny_args, write_components_yaml
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -23,7 +26,7 @@ TINY_ROOT = CONFIGS.parent / DEFAULT_TINY  # `make tiny`'s world, anchored at th
 
 
 def train_checkpoint(world: Path, out: Path, stage: int, steps: int, extra: list[str] = ()) -> Path:
-    """Train a tiny checkpoint through the real CLI (src.train.main); returns its last.ckpt."""
+    """Train a tiny checkpoint through the real CLI (src.cli.train.main); returns its last.ckpt."""
     config = CONFIGS / "tiny" / f"stage{stage}.yaml"
     ckpt_cb = ('--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
                f'"init_args": {{"dirpath": "{out}", "save_last": true, "every_n_train_steps": {max(steps, 1)}}}}}]')
@@ -122,10 +125,10 @@ def test_face_sim_scores_each_image_against_its_own_identity(tiny_world, checkpo
     def known_faces(args, comps, manifest, size) -> KnownFaces:
         unseen = manifest_identities(manifest, "unseen")
         ids.update({f"syn_{k}": i for i, k in enumerate(unseen)})
-        refs = {evaluate.synthetic_reference(k, size)[2].tobytes(): i for i, k in enumerate(unseen)}
+        refs = {identities.synthetic_reference(k, size)[2].tobytes(): i for i, k in enumerate(unseen)}
         return KnownFaces(refs, shown, len(unseen))
 
-    monkeypatch.setattr(evaluate, "build_metric_recognizer", known_faces)
+    monkeypatch.setattr(benchmark, "build_metric_recognizer", known_faces)
     out = tmp_path / "eval"
     opts = ("--identities", "2", "--prompts", "2", "--images", "1", "--protocol", "single")
     first = run_eval(tiny_world, checkpoints["stage1"], out, *opts)
@@ -179,7 +182,7 @@ def test_routing_accuracy_inside_matched_faces(tiny_world):
         def embed_reference(self, image):
             return torch.eye(2)[0]
 
-    scores = evaluate.ProtocolScores(TwoFaces(), None)
+    scores = ProtocolScores(TwoFaces(), None)
     ref = torch.eye(2)  # reference j == face j
     right = torch.zeros(1, 2, 4, 4)
     right[0, 0, :, :2] = 1
@@ -188,7 +191,7 @@ def test_routing_accuracy_inside_matched_faces(tiny_world):
     faces, boxes = TwoFaces().embed_faces(image)
     scores.add_routing(image, faces, boxes, ref, [right])
     assert float(scores.routing.compute()["all"]) == pytest.approx(1.0)
-    swapped = evaluate.ProtocolScores(TwoFaces(), None)
+    swapped = ProtocolScores(TwoFaces(), None)
     swapped.add_routing(image, faces, boxes, ref, [right.flip(1)])
     assert float(swapped.routing.compute()["all"]) == pytest.approx(0.0)
 
@@ -216,11 +219,11 @@ def test_benchmark_lists_are_the_documented_protocol():
 
 
 def test_sliding_windows_and_nms():
-    win = evaluate.sliding_windows(64)
+    win = sliding_windows(64)
     assert (win[:, 2] - win[:, 0] == win[:, 3] - win[:, 1]).all()  # square
     assert win.min() == 0 and win.max() == 64 and ((win[:, 2] == 64) & (win[:, 3] == 64)).any()
     boxes = np.array([[0, 0, 20, 20], [2, 2, 22, 22], [40, 40, 60, 60], [5, 5, 15, 15]], np.float32)
-    keep = evaluate.nms(boxes, np.array([0.9, 0.8, 0.7, 0.95]), iou=0.3)
+    keep = nms(boxes, np.array([0.9, 0.8, 0.7, 0.95]), iou=0.3)
     # box 3 (highest) kept; box 0 contains it (cover) -> dropped; box 1 overlaps box 3 mostly -> dropped
     assert keep == [3, 2]
 
@@ -257,10 +260,10 @@ def test_unreadable_reference_photo_is_named_before_any_weights_load(tiny_world,
     first = bp.IDENTITIES[0][0]
     (refs / f"{first}.jpg").write_bytes(b"GIF89a, truncated and not a photo")
 
-    def must_not_load(a):
+    def must_not_load(**kwargs):
         raise AssertionError("weights were loaded before the reference photos were checked")
 
-    monkeypatch.setattr(evaluate, "build_pipeline", must_not_load)
+    monkeypatch.setattr(benchmark, "load_pipeline", must_not_load)
     with pytest.raises(SystemExit) as info:
         evaluate.main(["--world", "real", "--components", str(components_yaml(tiny_world, tmp_path / "c.yaml")),
                        "--references", str(refs), "--identities", "1", "--out", str(tmp_path / "o")])

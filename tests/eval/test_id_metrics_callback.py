@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from src.train import main as train_main
+from src.cli.train import main as train_main
 from tests.helpers import SMALL_MODEL, tiny_args
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -60,7 +60,8 @@ def test_sample_images_contract(tiny_world):
     """(B, 3, H, W) in [-1, 1], reproducible for a seed, and the module's mode / LoRA are restored."""
     from datamodules.datamodule import FaceShardDataModule
     from src.models import adapters
-    from src.module import QFormerSpec, UniPortraitModule
+    from src.models.id_embedding import QFormerSpec
+    from src.module import UniPortraitModule
     from src.tiny import tiny_components
 
     torch.manual_seed(0)
@@ -87,7 +88,8 @@ def test_face_sim_scores_each_image_against_its_own_references(tiny_world, monke
     handed to the wrong samples (rolled by one, so every image shows another person)."""
     from callbacks.id_metrics import IdentityMetrics
     from datamodules.datamodule import FaceShardDataModule
-    from src.module import QFormerSpec, UniPortraitModule
+    from src.models.id_embedding import QFormerSpec
+    from src.module import UniPortraitModule
     from src.tiny import tiny_components
 
     torch.manual_seed(0)

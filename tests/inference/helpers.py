@@ -6,7 +6,7 @@
 - `tiny_embedding_state(...)`: a random ID-embedding (`faceid_proj`) state dict.
 - `released_layout(unet, ...)`: random adapter tensors in the RELEASED layout, written by hand from
   official-checkpoints.md (processor index i over `unet.attn_processors`, `{i}.to_q_lora.down.weight`
-  rank x in, ...), independent of src.convert's key map.
+  rank x in, ...), independent of src.inference.convert's key map.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from src.models import presets
 from src.models.face_backbone import IRBackbone
 from src.models.id_embedding import IDEmbedding
 from src.models.presets import ComponentPaths
-from src.tiny import build_tiny_clip, tiny_components
+from src.tiny import architectures, build_tiny_clip, tiny_components
 
 
 @pytest.fixture(autouse=False)
@@ -47,13 +47,13 @@ def write_tiny_world(root: Path, seed: int = 0) -> ComponentPaths:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         presets.write_clip_tokenizer(base / "tokenizer")
-        presets.tiny_text_encoder().save_pretrained(base / "text_encoder")
+        architectures.tiny_text_encoder().save_pretrained(base / "text_encoder")
         presets.sd15_scheduler().save_pretrained(base / "scheduler")
-        presets.tiny_vae().save_pretrained(base / "vae")
-        presets.tiny_unet(sample_size=16).save_pretrained(base / "unet")
+        architectures.tiny_vae().save_pretrained(base / "vae")
+        architectures.tiny_unet(sample_size=16).save_pretrained(base / "unet")
         clip = build_tiny_clip(seed)
         save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(root / "clip.safetensors"))
-        face = IRBackbone(18, presets.TINY_FACE_WIDTHS, presets.TINY_FACE_EMBEDDING).eval()
+        face = IRBackbone(18, architectures.TINY_FACE_WIDTHS, architectures.TINY_FACE_EMBEDDING).eval()
         save_file({k: v.contiguous() for k, v in face.state_dict().items()}, str(root / "face_backbone.safetensors"))
     return tiny_components(root)
 
@@ -72,11 +72,11 @@ def tiny_embedding(id_dim: int, structure_dim: int, output_dim: int, seed: int =
     return m.eval()
 
 
-def tiny_embedding_for(components: ComponentPaths, output_dim: int = presets.TINY_CROSS_DIM,
+def tiny_embedding_for(components: ComponentPaths, output_dim: int = architectures.TINY_CROSS_DIM,
                        seed: int = 0) -> IDEmbedding:
     """An IDEmbedding whose input widths fit the tiny world's face backbone and CLIP tower."""
-    widths = presets.TINY_FACE_WIDTHS
-    structure = sum(widths[:3]) + presets.TINY_CLIP_VISION["width"]
+    widths = architectures.TINY_FACE_WIDTHS
+    structure = sum(widths[:3]) + architectures.TINY_CLIP_VISION["width"]
     return tiny_embedding(widths[3], structure, output_dim, seed)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from src import convert
+from src.inference import convert
 from src.models import adapters
 from src.models.faceid_attention import FaceIDAttnProcessor
 from tests.inference.helpers import RANK, one_thread, released_layout, tiny_embedding, write_released  # noqa: F401 (fixture)

@@ -10,10 +10,12 @@ import torch
 import yaml
 from PIL import Image
 
-from src import generate
+from src.cli import generate
 from src.conventions import uint8_to_unit
 from src.faces import load_rgb
-from src.models import presets
+from src.inference import io as inference_io
+from src.inference import loading
+from src.tiny import architectures
 from tests.inference.helpers import one_thread, random_crops, tiny_embedding_for, write_released, write_tiny_world  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,7 +76,7 @@ def test_two_identities_end_to_end_with_routing_maps(world: dict, tmp_path: Path
     n_layers = 7  # tiny_unet: cross-attention in 1+1 down, 2+2 up and 1 mid transformer block
     assert len(maps) == 2 * n_layers
     colours = {tuple(c) for p in maps for c in np.asarray(Image.open(p)).reshape(-1, 3)}
-    assert colours <= {tuple(generate.PALETTE[0]), tuple(generate.PALETTE[1])}  # one identity per position
+    assert colours <= {tuple(inference_io.PALETTE[0]), tuple(inference_io.PALETTE[1])}  # one identity per position
     printed = capsys.readouterr().out.split()
     assert str(images[0]) in printed
 
@@ -134,10 +136,10 @@ def test_face_less_photo_exits_nonzero_naming_the_file(world: dict, tmp_path: Pa
 def test_non_image_input_is_an_error_naming_it_before_any_weights_load(
     world: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, flag: str
 ) -> None:
-    def must_not_load(args):
+    def must_not_load(**kwargs):
         raise AssertionError("weights were loaded before the inputs were checked")
 
-    monkeypatch.setattr(generate, "build_pipeline", must_not_load)
+    monkeypatch.setattr(generate, "load_pipeline", must_not_load)
     notes = tmp_path / "notes_not_a_photo.jpg"
     notes.write_text("these are meeting notes, not a JPEG")
     inputs = {"--face": ["--face", str(notes)], "--face-crop": ["--face-crop", str(notes)],
@@ -152,16 +154,16 @@ def test_components_yaml_forms(world: dict, tmp_path: Path) -> None:
     cfg = yaml.safe_load(world["config"].read_text())["model"]["components"]
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump(cfg))
-    a = generate.load_components(plain, None)
-    b = generate.load_components(world["config"], "/elsewhere/base")
+    a = loading.load_components(plain, None)
+    b = loading.load_components(world["config"], "/elsewhere/base")
     assert a.base_model == cfg["base_model"] and b.base_model == "/elsewhere/base"
-    assert a.face_widths == tuple(presets.TINY_FACE_WIDTHS)
+    assert a.face_widths == tuple(architectures.TINY_FACE_WIDTHS)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"components": {"not_a_key": 1}}))
     with pytest.raises(ValueError, match="bad.yaml"):
-        generate.load_components(bad, None)
+        loading.load_components(bad, None)
 
 
 def test_missing_default_checkpoint_is_explained(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="make demo"):
-        generate.default_checkpoint(tmp_path / "runs")
+        loading.default_checkpoint(tmp_path / "runs")

@@ -3,7 +3,7 @@ uniportrait.md, on weights in the RELEASED layout (fp32, relative error < 1e-4).
 
 The reference functions below read raw tensors only: the released `faceid_adapter` / `faceid_proj`
 dicts, the stock UNet's base attention weights and the TFace backbone state dict. Our modules get
-the same weights through src.convert.load_released / load_face_backbone.
+the same weights through src.inference.convert.load_released / load_face_backbone.
 
 Already covered in tests/models (not repeated): the processor's single-identity formula with its
 own modules, the router's logits formula with its own modules, the Q-Former recurrence built from
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from src import convert
+from src.inference import convert
 from src.models import adapters
 from src.models.context import FaceIDContext
 from src.models.face_backbone import STAGE_UNITS, IRBackbone, load_face_backbone

@@ -9,11 +9,11 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionPipeline
 from PIL import Image
 
-from src import convert
 from src.faces import NoFaceError
+from src.inference import convert
+from src.inference.pipeline import Identity, UniPortraitPipeline, make_scheduler
 from src.models import adapters
 from src.models.faceid_attention import FaceIDAttnProcessor
-from src.pipeline import Identity, UniPortraitPipeline, make_scheduler
 from tests.inference.helpers import RANK, one_thread, random_crops, tiny_embedding_for, write_released, write_tiny_world  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,7 +159,7 @@ def test_from_checkpoint_reproduces_the_same_weights(world: dict, pipe: UniPortr
 def test_export_cli_writes_the_released_layout_that_generates_identically(world: dict, pipe: UniPortraitPipeline,
                                                                          tmp_path: Path) -> None:
     """A checkpoint trained here -> `python -m src.export` -> released files -> the same images."""
-    from src import export
+    from src.cli import export
     from tests.helpers import write_components_yaml
 
     write_components_yaml(world["paths"], tmp_path / "c.yaml")
@@ -225,7 +225,8 @@ def test_face_less_photo_is_rejected_naming_the_file(pipe: UniPortraitPipeline, 
 
 
 def test_from_checkpoint_reads_what_the_training_module_saves(world: dict, tmp_path: Path) -> None:
-    from src.module import QFormerSpec, UniPortraitModule
+    from src.models.id_embedding import QFormerSpec
+    from src.module import UniPortraitModule
 
     torch.manual_seed(0)
     module = UniPortraitModule(world["paths"], stage=2, lora_rank=RANK,

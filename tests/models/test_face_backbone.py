@@ -16,7 +16,7 @@ from src.models.face_backbone import (
     load_face_backbone,
     structure_tokens,
 )
-from src.models.face_pretrain import MarginHead, evaluate_verification, pretrain_recognition
+from src.tiny.face_pretrain import MarginHead, evaluate_verification, pretrain_recognition
 
 TINY_WIDTHS = (8, 16, 32, 64)
 

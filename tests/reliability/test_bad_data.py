@@ -134,7 +134,7 @@ def test_resampled_stream_over_only_empty_shards_raises_instead_of_spinning(tmp_
 
 
 def test_non_existent_shard_pattern_stops_the_cli_naming_it(tiny_world, tmp_path):
-    from src.train import main
+    from src.cli.train import main
     from tests.reliability.helpers import fit_args
 
     missing = tmp_path / "nowhere" / "train-{000000..000003}.tar"

@@ -110,7 +110,7 @@ def test_module_init_from_refuses_code_executing_pickles(evil_checkpoint, tiny_w
 def test_cli_resume_refuses_code_executing_pickles(evil_checkpoint, tiny_world, tmp_path, plugin):
     """`fit --ckpt_path=evil.ckpt`: Lightning 2.6.6 passes weights_only=None, i.e. torch's default (True
     since torch 2.6); our plugin passes True explicitly (robust to TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)."""
-    from src.train import main
+    from src.cli.train import main
 
     path, marker = evil_checkpoint
     args = [*fit_args(tiny_world, tmp_path), "--trainer.max_steps=1", "--trainer.callbacks=[]",

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from datamodules.datamodule import FaceShardDataModule
-from src.train import main
+from src.cli.train import main
 from tests.reliability.helpers import callbacks_arg, fit_args, run_cli
 
 DETERMINISTIC = ["--data.resampled=false", "--data.epoch_length=null", "--data.random_crop=false",

@@ -5,8 +5,8 @@ import pytest
 import torch
 import yaml
 
+from src.cli.train import main
 from src.module import NonFiniteLossError
-from src.train import main
 from tests.reliability.helpers import CONFIGS, callbacks_arg, fit_args
 from tests.reliability.test_bad_data import CASES, raw_samples, write_shard
 

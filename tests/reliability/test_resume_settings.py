@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from callbacks.reliability import RUN_SETTINGS_KEY, RunSettings
+from src.cli.train import main
 from src.resume import ResumeSettingsError
-from src.train import main
 from tests.reliability.helpers import callbacks_arg, fit_args, plugins_arg
 
 MC = "lightning.pytorch.callbacks.ModelCheckpoint"

@@ -35,9 +35,9 @@ from diffusers import (
 )
 from PIL import Image
 
-from src import convert
 from src.conventions import CLIP_CROP_SIZE, uint8_to_unit
 from src.faces import FaceDetector, crops_for, largest_face, load_rgb
+from src.inference import convert
 from src.models import adapters
 from src.models.context import FaceIDContext, RoutingRecord
 from src.models.id_embedding import IDEmbedding, mix_identities

@@ -1,0 +1,383 @@
+"""SD1.5-scale benchmark: training and inference speed on random weights, nothing downloaded.
+
+    python -m src.bench_sd15                 # on a GPU: SD1.5 UNet / VAE / text encoder, ViT-H/14, IR-101
+    python -m src.bench_sd15 --arch tiny     # the same code on the tiny preset (what the CPU test runs)
+
+In one run, on one device:
+- a **matmul peak** (bf16 8192^3 on a GPU) that MFU is measured against;
+- **training steps** (forward, backward, AdamW; bf16 autocast on a GPU) at `--batch-size`, img/s, FLOPs
+  per image (counted by `torch.utils.flop_counter`), MFU and peak memory:
+  `baseline` = the diffusers LoRA-training example's loop (eager UNet with peft LoRA rank R on
+  to_q/to_k/to_v/to_out.0, VAE latents and text embeddings computed every step);
+  `stage 1` and `stage 2` = UniPortraitModule's full step (frozen VAE, text encoder, IR-101 and
+  ViT-H/14 included; stage 2 with 2-3 identities, router and routing loss);
+  `stage 1, UNet part` = the same UNet forward/backward on precomputed conditioning (the cost left with
+  cached latents and features);
+  each UniPortrait row also with `--compile` (torch.compile of the UNet) when asked;
+- **inference**: `--steps` DDIM steps with CFG at the UNet's native size, fp16 on a GPU: the plain SD1.5
+  pipeline against UniPortrait with 0, 1 and 2 identities (active LoRA merged into the weights).
+The table is printed last and written between markers in docs/benchmarks.md with card, versions and date.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from src.benchmarks.steps import module_step, optimizer_of
+
+BEGIN, END = "<!-- bench:sd15:begin -->", "<!-- bench:sd15:end -->"
+
+
+# ---------------------------------------------------------------------------------------------- architectures
+@dataclass(frozen=True)
+class Arch:
+    """Everything that differs between the SD1.5-scale run and its tiny stand-in."""
+
+    name: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text: dict[str, Any]
+    clip_vision: dict[str, Any]
+    clip_embed_dim: int
+    face: dict[str, Any]
+    qformer: dict[str, Any]
+    lora_rank: int
+
+
+SD15 = Arch(
+    name="sd15",
+    unet=dict(sample_size=64, cross_attention_dim=768),  # diffusers' defaults are SD1.5's otherwise
+    vae=dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+             scaling_factor=0.18215),
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+    clip_vision=dict(image_size=224, patch_size=14, width=1280, layers=32, head_width=80),  # ViT-H/14
+    clip_embed_dim=1024,
+    face=dict(num_layers=100),  # IR-101
+    qformer={},  # QFormerSpec defaults: 6 x 16 x 768
+    lora_rank=128,
+)
+
+
+def tiny_arch() -> Arch:
+    from src.tiny import architectures
+
+    return Arch(name="tiny", unet={}, vae={}, text={}, clip_vision=dict(architectures.TINY_CLIP_VISION),
+                clip_embed_dim=architectures.TINY_CLIP_EMBED_DIM,
+                face=dict(num_layers=18, widths=architectures.TINY_FACE_WIDTHS,
+                          embedding_size=architectures.TINY_FACE_EMBEDDING),
+                qformer=dict(depth=2, width=64, heads=4, dim_head=16), lora_rank=16)
+
+
+def build_nets(arch: Arch, tokenizer_dir: Path):
+    """Random-weight base networks of `arch` (frozen, eval) as `presets.Components`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from src.models import presets
+    from src.models.clip_encoder import ClipPatchEncoder
+    from src.models.face_backbone import IRBackbone, freeze
+    from src.tiny import architectures
+
+    if arch.name == "tiny":
+        unet, vae, text = architectures.tiny_unet(), architectures.tiny_vae(), architectures.tiny_text_encoder()
+    else:
+        unet, vae = UNet2DConditionModel(**arch.unet), AutoencoderKL(**arch.vae)
+        text = CLIPTextModel(CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **arch.text))
+    tokenizer = presets.write_clip_tokenizer(tokenizer_dir)
+    clip = ClipPatchEncoder.from_open_clip_vision_config(arch.clip_vision, arch.clip_embed_dim)
+    face = freeze(IRBackbone(**arch.face))
+    for m in (unet, vae, text):
+        m.requires_grad_(False).eval()
+    return presets.Components(unet, vae, text, tokenizer, presets.sd15_scheduler(), clip, face)
+
+
+class Prebuilt:
+    """Stands in for `ComponentPaths` when the networks are already in memory (`build()` returns them)."""
+
+    def __init__(self, nets) -> None:
+        self.nets = nets
+
+    def build(self):
+        return self.nets
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+class Device:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.amp = torch.bfloat16 if self.cuda else None  # CPU: fp32 (what the tiny test checks)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    def reset_memory(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_gb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 1024**3
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+    def timed(self, fn: Callable[[], Any], iters: int, warmup: int) -> float:
+        """Seconds per call of `fn` after `warmup` calls."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        self.sync()
+        return (time.perf_counter() - t0) / iters
+
+
+def matmul_peak_tflops(dev: Device) -> float:
+    """Measured dense matmul throughput: bf16 8192^3 on a GPU, fp32 1024^3 on the CPU."""
+    n, dtype = (8192, torch.bfloat16) if dev.cuda else (1024, torch.float32)
+    a = torch.randn(n, n, device=dev.device, dtype=dtype)
+    b = torch.randn(n, n, device=dev.device, dtype=dtype)
+    sec = dev.timed(lambda: a @ b, iters=20 if dev.cuda else 3, warmup=3 if dev.cuda else 1)
+    return 2 * n**3 / sec / 1e12
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def random_batch(arch: Arch, nets, batch: int, resolution: int, faces: list[int], device: torch.device, seed: int):
+    """A training batch of the collate contract with random pixels; `faces[i]` identities in image i."""
+    g = torch.Generator().manual_seed(seed)
+    n_max = max(faces)
+    s = nets.clip.image_size
+    valid = torch.zeros(batch, n_max, dtype=torch.bool)
+    masks = torch.zeros(batch, n_max, resolution, resolution)
+    side = resolution // 4
+    for i, n in enumerate(faces):
+        valid[i, :n] = True
+        for k in range(n):  # disjoint square faces along the diagonal
+            masks[i, k, k * side:(k + 1) * side, k * side:(k + 1) * side] = 1
+    out = {
+        "image": torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1,
+        "caption": ["a photo of a person"] * batch,
+        "face_recog": torch.rand(batch, n_max, 3, 112, 112, generator=g) * 2 - 1,
+        "face_clip": torch.rand(batch, n_max, 3, s, s, generator=g) * 2 - 1,
+        "face_masks": masks,
+        "face_valid": valid,
+    }
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------- training rows
+def unet_part_step(module, batch, opt) -> Callable[[], None]:
+    """Stage-1 UNet forward/backward on precomputed latents, text and identity tokens."""
+    with torch.no_grad():
+        latents = module.encode_images(batch["image"])
+        text = module.encode_text(batch["caption"])
+        tokens = module.identity_tokens(batch["face_recog"], batch["face_clip"], batch["face_valid"]).detach()
+
+    def step() -> None:
+        noise, t, noisy = module._sample_noise(latents)
+        pred = module._denoise(noisy, t, text, module._context(tokens, batch["face_valid"], latents, None))
+        loss = F.mse_loss(pred.float(), noise.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def baseline_step(nets, batch, rank: int, device: torch.device) -> tuple[Callable[[], None], torch.nn.Module]:
+    """The diffusers LoRA-training example's loop on a fresh copy of the UNet."""
+    import copy
+
+    from peft import LoraConfig
+
+    unet = copy.deepcopy(nets.unet).to(device)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = nets.tokenizer(batch["caption"], padding="max_length", max_length=nets.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(device)
+    sched = nets.scheduler
+
+    def step() -> None:
+        with torch.no_grad():
+            latents = nets.vae.encode(batch["image"]).latent_dist.sample() * nets.vae.config.scaling_factor
+            text = nets.text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
+        pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, unet
+
+
+def make_module(arch: Arch, nets, stage: int, compile_unet: bool, device: torch.device,
+                gradient_checkpointing: bool = False):
+    import copy
+
+    from src.models.id_embedding import QFormerSpec
+    from src.module import UniPortraitModule
+
+    own = copy.copy(nets)
+    own.unet = copy.deepcopy(nets.unet)  # adapters are installed in place: keep the base UNet clean
+    module = UniPortraitModule(components=Prebuilt(own), stage=stage, lora_rank=arch.lora_rank,
+                               qformer=QFormerSpec(**arch.qformer), lr=1e-5, compile_unet=compile_unet,
+                               gradient_checkpointing=gradient_checkpointing)
+    return module.to(device)
+
+
+def training_rows(arch: Arch, nets, dev: Device, batch_size: int, resolution: int, iters: int, warmup: int,
+                  peak: float, compile_unet: bool, log: Callable[[str], None], big_batch: int = 0) -> list[dict]:
+    rows: list[dict] = []
+    flops_of: dict[str, float] = {}  # counted eagerly; a compiled row does the same math
+
+    def measure(name: str, step: Callable[[], None], compiled: bool = False, batch: int = batch_size) -> None:
+        with dev.autocast():
+            step()  # first call outside the timing (compilation, allocator warm-up)
+            if name not in flops_of:
+                flops_of[name] = count_flops(step)
+            flops = flops_of[name]
+            dev.reset_memory()
+            sec = dev.timed(step, iters, warmup)
+        row = {"row": name, "compiled": compiled, "batch": batch, "step_s": sec, "img_s": batch / sec,
+               "tflop_img": flops / batch / 1e12, "mfu": flops / sec / 1e12 / peak,
+               "peak_gb": dev.peak_memory_gb()}
+        rows.append(row)
+        log(f"{name}{' (compiled)' if compiled else ''}: {row['img_s']:.1f} img/s, MFU {row['mfu']:.1%}, "
+            f"peak {row['peak_gb']:.1f} GB")
+
+    single = random_batch(arch, nets, batch_size, resolution, [1] * batch_size, dev.device, seed=0)
+    multi = random_batch(arch, nets, batch_size, resolution, [2 + i % 2 for i in range(batch_size)], dev.device, 1)
+
+    step, unet = baseline_step(nets, single, arch.lora_rank, dev.device)
+    measure("baseline LoRA loop", step)
+    del step, unet
+    for compiled in ([False, True] if compile_unet else [False]):
+        for stage, batch in ((1, single), (2, multi)):
+            module = make_module(arch, nets, stage, compiled, dev.device)
+            module.train()
+            opt = optimizer_of(module)
+            measure(f"stage {stage}", module_step(module, batch, opt), compiled)
+            if stage == 1:
+                measure("stage 1, UNet part", unet_part_step(module, batch, opt), compiled)
+            del module, opt
+            dev.reset_memory()
+    if big_batch:  # the largest batch: stage 1 with gradient checkpointing
+        big = random_batch(arch, nets, big_batch, resolution, [1] * big_batch, dev.device, seed=2)
+        module = make_module(arch, nets, 1, False, dev.device, gradient_checkpointing=True)
+        module.train()
+        opt = optimizer_of(module)
+        measure("stage 1, gradient checkpointing", module_step(module, big, opt), batch=big_batch)
+        del module, opt
+        dev.reset_memory()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- inference rows
+def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: Callable[[str], None]) -> list[dict]:
+    import copy
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from src.inference.pipeline import Identity, UniPortraitPipeline
+
+    dtype = torch.float16 if dev.cuda else torch.float32
+    prompt = "a photo of two people in a park"
+    kw = dict(num_inference_steps=steps, guidance_scale=7.5)
+    rows = []
+
+    def measure(name: str, call: Callable[[], Any]) -> None:
+        with torch.no_grad():
+            dev.reset_memory()
+            sec = dev.timed(call, iters=iters, warmup=1)
+        rows.append({"row": name, "image_s": sec, "peak_gb": dev.peak_memory_gb()})
+        log(f"{name}: {sec * 1000:.0f} ms/image")
+
+    module = make_module(arch, nets, 2, False, dev.device)  # before the shared encoders turn fp16
+    plain = StableDiffusionPipeline(
+        vae=nets.vae, text_encoder=nets.text_encoder, tokenizer=nets.tokenizer, unet=nets.unet,
+        scheduler=DDIMScheduler.from_config(nets.scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False).to(dev.device, dtype)
+    plain.set_progress_bar_config(disable=True)
+    measure("plain SD1.5 pipeline", lambda: plain(prompt, **kw))
+
+    ours_nets = copy.copy(nets)
+    ours_nets.unet = module.unet
+    pipe = UniPortraitPipeline.from_components(ours_nets, module.identity.embedding).to(dev.device, dtype)
+    pipe.pipe.set_progress_bar_config(disable=True)
+    pipe.fuse_lora(True)
+    s = nets.clip.image_size
+    g = torch.Generator().manual_seed(0)
+    people = [Identity.from_crops(torch.rand(1, 3, 112, 112, generator=g) * 2 - 1,
+                                  torch.rand(1, 3, s, s, generator=g) * 2 - 1) for _ in range(2)]
+    measure("UniPortrait, 0 identities", lambda: pipe.pipe(prompt, **kw))  # processors in, no identity
+    for n in (1, 2):
+        measure(f"UniPortrait, {n} identit{'y' if n == 1 else 'ies'}",
+                lambda n=n: pipe(prompt, people[:n], progress=False, **kw))
+    base = rows[0]["image_s"]
+    for r in rows:
+        r["vs_plain"] = r["image_s"] / base
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- report
+def tables(train: list[dict], infer: list[dict]) -> str:
+    base = next(r["img_s"] for r in train if r["row"] == "baseline LoRA loop")
+    lines = ["| training step | compiled | batch | img/s | x baseline | TFLOP/img | MFU | peak mem (GB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in train:
+        lines.append(f"| {r['row']} | {'yes' if r['compiled'] else 'no'} | {r['batch']} | {r['img_s']:.1f} | "
+                     f"{r['img_s'] / base:.2f} | {r['tflop_img']:.3g} | {r['mfu']:.1%} | {r['peak_gb']:.1f} |")
+    lines += ["", "| inference | ms / image | x plain pipeline | peak mem (GB) |", "|---|---|---|---|"]
+    for r in infer:
+        lines.append(f"| {r['row']} | {r['image_s'] * 1000:.0f} | {r['vs_plain']:.2f} | {r['peak_gb']:.1f} |")
+    return "\n".join(lines)
+
+
+def describe(dev: Device, arch: Arch, a: argparse.Namespace, peak: float) -> str:
+    import diffusers
+    import lightning
+    import peft
+
+    card = torch.cuda.get_device_name(dev.device) if dev.cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    return (f"Measured {dt.date.today().isoformat()} on {card}; torch {torch.__version__}, diffusers "
+            f"{diffusers.__version__}, lightning {lightning.__version__}, peft {peft.__version__}. Architecture "
+            f"`{arch.name}`, random weights, {a.resolution} px training at batch {a.batch_size}, LoRA rank "
+            f"{arch.lora_rank}, {'bf16 autocast' if dev.amp else 'fp32'}; measured matmul peak "
+            f"{peak:.1f} TFLOP/s (MFU is against it); inference {a.steps} DDIM steps, CFG 7.5, "
+            f"{'fp16' if dev.cuda else 'fp32'}.")

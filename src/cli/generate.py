@@ -1,0 +1,105 @@
+"""Generate identity-preserving images from the command line.
+
+Examples:
+  # two people, released UniPortrait weights on a local SD1.5 (components YAML = configs' model.components)
+  python -m src.generate --prompt "two friends having coffee in Paris" \\
+      --face alice.jpg --face bob.jpg --components configs/stage1.yaml \\
+      --released-faceid uniportrait-faceid_sd15.bin --released-router uniportrait-router_sd15.bin --out out/
+  # the embedded default (after `make demo`): tiny components under artifacts/tiny, newest runs/tiny checkpoint
+  python -m src.generate --prompt "a person" --face-crop artifacts/some_crop.png --out out/
+
+Each --face / --face-crop is one identity, in order; several comma-separated files in one option
+are several references of that identity. A photo without a detectable face is an error naming it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from src.cli import exit_status, run_or_exit
+from src.inference.io import read_identities, read_masks, save_outputs
+from src.inference.loading import DEFAULT_RUNS, DEFAULT_TINY, load_pipeline
+from src.inference.pipeline import SCHEDULERS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m src.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
+    p.add_argument("--face", dest="identities", action="append", default=[], type=lambda s: ("photo", s),
+                   metavar="PHOTO[,PHOTO...]",
+                   help="one identity from photos (MTCNN detection, largest face, aligned crops); repeat per person")
+    p.add_argument("--face-crop", dest="identities", action="append", type=lambda s: ("crop", s),
+                   metavar="CROP[,CROP...]",
+                   help="one identity from already aligned face crops (ArcFace-template alignment, any square "
+                        "size; no detection); repeat per person")
+    p.add_argument("--out", type=Path, required=True, help="output folder for the PNGs")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a checkpoint trained here (.ckpt or exported .safetensors); default: the newest "
+                        f"last.ckpt under {DEFAULT_RUNS} when no released weights are given")
+    p.add_argument("--released-faceid", type=Path, default=None, help="released uniportrait-faceid_sd15.bin")
+    p.add_argument("--released-router", type=Path, default=None,
+                   help="released uniportrait-router_sd15.bin (needed for several identities without masks)")
+    p.add_argument("--dim-head", type=int, default=64, help="Q-Former head width of released weights (default 64)")
+    p.add_argument("--components", type=Path, default=None,
+                   help="YAML with the ComponentPaths keys (or a config with model.components); default: the "
+                        f"embedded tiny world under {DEFAULT_TINY}")
+    p.add_argument("--base-model", default=None, help="diffusers SD1.5 directory overriding components.base_model")
+    p.add_argument("--face-scale", type=float, default=0.7, help="face-ID attention scale (default 0.7)")
+    p.add_argument("--structure-scale", type=float, default=None,
+                   help="face structure scale beta (default 0.1 for one identity, 0.3 for several)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS), help="sampler (default ddim)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the UNet's native size)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the UNet's native size)")
+    p.add_argument("--mask", action="append", type=Path, default=[],
+                   help="explicit mask image per identity (white = this identity), in identity order; replaces "
+                        "the router")
+    p.add_argument("--routing-maps", action="store_true", help="also save the routing maps as PNGs")
+    p.add_argument("--fuse-lora", action="store_true", help="merge the active LoRA into the UNet weights (faster)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--fp16", action="store_true", help="half precision (GPU)")
+    return p
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Read the inputs (before any weights load), generate, write the PNGs; returns the written paths."""
+    if not args.identities:
+        raise ValueError("give at least one --face or --face-crop")
+    identities = read_identities(args.identities)
+    masks = read_masks(args.mask, len(identities))
+    pipe = load_pipeline(components=args.components, base_model=args.base_model, checkpoint=args.checkpoint,
+                         released_faceid=args.released_faceid, released_router=args.released_router,
+                         dim_head=args.dim_head, device=args.device,
+                         dtype=torch.float16 if args.fp16 else None).pipeline
+    if args.fuse_lora:
+        pipe.fuse_lora(True)
+    out = pipe(
+        args.prompt, identities, negative_prompt=args.negative_prompt, faceid_scale=args.face_scale,
+        structure_scale=args.structure_scale, guidance_scale=args.guidance, num_inference_steps=args.steps,
+        scheduler=args.scheduler, seed=args.seed, num_images=args.num_images, masks=masks, height=args.height,
+        width=args.width, return_routing_maps=args.routing_maps, progress=True,
+    )
+    return save_outputs(out, args.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    written = run_or_exit(run, build_parser().parse_args(argv))
+    for path in written:
+        print(path)
+
+
+def console() -> None:
+    """Console script `uniportrait-generate`."""
+    sys.exit(exit_status(main()))
+
+
+if __name__ == "__main__":
+    console()

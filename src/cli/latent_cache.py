@@ -1,0 +1,60 @@
+"""`uniportrait-latent-cache` / `python -m datamodules.latent_cache`: cache VAE latents in the shards
+(datamodules/latents.py; its docstring's first paragraph is the --help description)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import datamodules.latents as latents
+from datamodules.latents import cache_shard, load_vae
+from datamodules.loader import resolve_shards
+from src.cli import exit_status
+from src.paths import is_local
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m datamodules.latent_cache",
+                                description=latents.__doc__.split("\n\n")[0])
+    p.add_argument("--shards", required=True, help="input shard pattern (brace expansion, directory, ...)")
+    p.add_argument("--vae", required=True, help="diffusers base-model directory (or its vae/ folder)")
+    p.add_argument("--resolution", type=int, required=True, help="training resolution R (data.resolution)")
+    p.add_argument("--out", required=True, help="output directory (shards keep their file names)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    a = build_parser().parse_args(argv)
+    if a.resolution < 8 or a.batch_size < 1:
+        raise SystemExit(f"--resolution must be >= 8 and --batch-size >= 1 (got {a.resolution}, {a.batch_size})")
+    urls = resolve_shards(a.shards)
+    remote = [u for u in urls if not is_local(u)]
+    if remote:
+        raise SystemExit(f"--shards: only local shard files can be cached, got {remote[0]!r}")
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vae = load_vae(a.vae).to(a.device)
+    total = {"cached": 0, "copied_without_latent": 0}
+    for url in tqdm(urls, desc="caching latents", unit="shard", disable=not sys.stderr.isatty()):
+        counts = cache_shard(url, out_dir / Path(url).name, vae, a.resolution, a.batch_size, a.device)
+        for k, v in counts.items():
+            total[k] += v
+    print(f"[latent cache] {len(urls)} shard(s) -> {out_dir}: {total['cached']} latents, "
+          f"{total['copied_without_latent']} sample(s) copied without one (undecodable; skipped in training)")
+    return total
+
+
+def console() -> None:
+    """Console script `uniportrait-latent-cache`."""
+    sys.exit(exit_status(main()))
+
+
+if __name__ == "__main__":
+    console()

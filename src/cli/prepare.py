@@ -1,0 +1,63 @@
+"""`uniportrait-prepare` / `python -m datamodules.prepare`: turn raw photos, img2dataset-style shards or the
+CelebA layout into training shards (datamodules/prepare/; its docstring is the --help text)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import datamodules.prepare as preparation
+from datamodules.prepare.config import PrepareConfig, resolve_paths, validate_config
+from datamodules.prepare.run import prepare
+from src.cli import exit_status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m datamodules.prepare",
+        description=preparation.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--input", required=True, help="folder, .tar / directory / pattern of shards, or CelebA root")
+    p.add_argument("--format", required=True, choices=("folder", "wds", "celeba"))
+    p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+    p.add_argument("--captions", default=None, help="JSONL caption table (key/image + caption/text)")
+    p.add_argument("--captioner", default=None, help="local dir of a transformers image-to-text model")
+    p.add_argument("--captioner-prompt", default="a photography of", help="prefix the captioner continues")
+    p.add_argument("--min-faces", type=int, default=1, help="drop images with fewer kept faces")
+    p.add_argument("--max-faces", type=int, default=1, help="drop images with more kept faces")
+    p.add_argument("--min-face-size", type=float, default=32.0, help="min shorter box side, pixels")
+    p.add_argument("--min-prob", type=float, default=0.9, help="min MTCNN detection probability")
+    p.add_argument("--clip-size", type=int, default=224, help="side of the aligned CLIP crop")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="input images per output shard")
+    p.add_argument("--resolution-max", type=int, default=1024, help="downscale so the longer side <= this")
+    p.add_argument("--pad-retry", type=float, default=1.25, help="pad factor for a retry when no face (<=1: off)")
+    p.add_argument(
+        "--landmark-fallback", action=argparse.BooleanOptionalAction, default=True,
+        help="celeba: use list_landmarks_align_celeba.txt when MTCNN finds no face",
+    )
+    p.add_argument("--shuffle", action="store_true", help="folder/celeba: seeded shuffle of the input order")
+    p.add_argument("--seed", type=int, default=0, help="seed for --shuffle and torch")
+    p.add_argument("--device", default="cpu", help="torch device for MTCNN and the captioner")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> PrepareConfig:
+    args = build_parser().parse_args(argv)
+    cfg = PrepareConfig(**vars(args))
+    resolve_paths(cfg)
+    validate_config(cfg)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI entry point; returns the manifest."""
+    return prepare(parse_config(argv))
+
+
+def console() -> None:
+    """Console script `uniportrait-prepare`."""
+    sys.exit(exit_status(main()))
+
+
+if __name__ == "__main__":
+    console()

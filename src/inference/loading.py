@@ -1,0 +1,127 @@
+"""Loading a `UniPortraitPipeline` from the weights the commands accept, and writing a checkpoint trained
+here back out in the released layout.
+
+- `load_components`: ComponentPaths from a YAML (or the embedded tiny world under `DEFAULT_TINY`);
+- `default_checkpoint`: the newest last.ckpt of the embedded default's training under `DEFAULT_RUNS`;
+- `load_pipeline`: components + either a checkpoint trained here or the released UniPortrait weights,
+  moved to a device (generate and evaluate);
+- `export_checkpoint`: a checkpoint trained here -> `uniportrait-faceid_sd15` (+ `uniportrait-router_sd15`)
+  files that run wherever the authors' weights run (export).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from src.inference import convert
+from src.inference.pipeline import UniPortraitPipeline
+from src.models import adapters
+from src.models.presets import ComponentPaths
+
+DEFAULT_TINY = Path("artifacts/tiny")
+DEFAULT_RUNS = Path("runs/tiny")
+FACEID_NAME, ROUTER_NAME = "uniportrait-faceid_sd15", "uniportrait-router_sd15"
+
+
+def load_components(path: Path | None, base_model: str | None, tiny_root: Path = DEFAULT_TINY) -> ComponentPaths:
+    """ComponentPaths from a YAML (plain keys, a `components:` section or a full config's model.components);
+    without a YAML the embedded tiny world under `tiny_root`. `base_model` overrides components.base_model."""
+    if path is None:
+        from src.tiny import tiny_components
+
+        comps = tiny_components(tiny_root)
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"--components: no such file {path}")
+        data: Any = yaml.safe_load(path.read_text()) or {}
+        if isinstance(data.get("model"), dict):
+            data = data["model"]
+        if isinstance(data.get("init_args"), dict):
+            data = data["init_args"]
+        data = data.get("components", data)
+        if isinstance(data.get("init_args"), dict):
+            data = data["init_args"]
+        try:
+            comps = ComponentPaths(**data)
+        except TypeError as err:
+            raise ValueError(f"{path}: not a ComponentPaths section ({err})") from err
+    if base_model is not None:
+        comps.base_model = base_model
+    return comps
+
+
+def default_checkpoint(runs: Path = DEFAULT_RUNS) -> Path:
+    """The newest last.ckpt of the embedded default's training (`make demo`)."""
+    found = sorted(runs.glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoint given and none under {runs}: run `make demo`, or pass --checkpoint / --released-faceid"
+        )
+    return found[-1]
+
+
+def check_weights(checkpoint: Path | None, released_faceid: Path | None, released_router: Path | None) -> None:
+    """A checkpoint trained here or the released weights, not both; the released router only with its faceid file."""
+    if released_faceid is not None and checkpoint is not None:
+        raise ValueError("give either --checkpoint or --released-faceid, not both")
+    if released_router is not None and released_faceid is None:
+        raise ValueError("--released-router needs --released-faceid")
+
+
+@dataclass
+class LoadedPipeline:
+    """What `load_pipeline` loaded: the pipeline, its components and the checkpoint it read (None for the
+    released weights; the `default_checkpoint` when none was given)."""
+
+    pipeline: UniPortraitPipeline
+    components: ComponentPaths
+    checkpoint: Path | None
+
+
+def load_pipeline(
+    *,
+    components: Path | None = None,
+    base_model: str | None = None,
+    tiny_root: Path = DEFAULT_TINY,
+    checkpoint: Path | None = None,
+    released_faceid: Path | None = None,
+    released_router: Path | None = None,
+    dim_head: int = 64,
+    runs: Path = DEFAULT_RUNS,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LoadedPipeline:
+    """The pipeline of `components` (a YAML for `load_components`; default the tiny world under `tiny_root`)
+    with either the released UniPortrait weights (`released_faceid`, optionally `released_router`, Q-Former
+    head width `dim_head`) or a checkpoint trained here (default: the newest one under `runs`), on
+    `device` (cast to `dtype` when given)."""
+    comps = load_components(components, base_model, tiny_root)
+    check_weights(checkpoint, released_faceid, released_router)
+    if released_faceid is not None:
+        pipe = UniPortraitPipeline.from_released(comps, released_faceid, released_router, dim_head=dim_head)
+        return LoadedPipeline(pipe.to(device, dtype), comps, None)
+    if checkpoint is None:
+        checkpoint = default_checkpoint(runs)
+    pipe = UniPortraitPipeline.from_checkpoint(comps, checkpoint)
+    return LoadedPipeline(pipe.to(device, dtype), comps, checkpoint)
+
+
+def export_checkpoint(checkpoint: Path, components_yaml: Path | None, out: Path, base_model: str | None = None,
+                      safetensors: bool = False) -> list[Path]:
+    """Write the released-layout files of `checkpoint` under `out`; returns their paths.
+
+    `uniportrait-faceid_sd15` holds the ID embedding, face-ID projections and single-ID LoRA; a stage-2
+    checkpoint adds `uniportrait-router_sd15` (routers, multi-ID LoRA). Plain tensor dicts (`.bin`), or the
+    flattened `.safetensors` form. The base model fixes the UNet's processor order, hence the released keys.
+    """
+    pipe = UniPortraitPipeline.from_checkpoint(load_components(components_yaml, base_model), checkpoint)
+    suffix = ".safetensors" if safetensors else ".bin"
+    faceid = out / f"{FACEID_NAME}{suffix}"
+    unet = pipe.pipe.unet
+    router = out / f"{ROUTER_NAME}{suffix}" if adapters.router_parameters(unet) else None  # a stage-2 checkpoint
+    convert.export_released(unet, pipe.identity.embedding, faceid, router)
+    return [faceid] + ([router] if router is not None else [])
