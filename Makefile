@@ -21,7 +21,7 @@ TRAIN_ARGS ?=
 CI_TRAIN_ARGS ?= --trainer.max_steps=200 --torch_threads=1
 
 .PHONY: install lint tiny tiny-assets demo train-tiny train-tiny-stage2 guard guard-control ci-tests ci-guard test \
-	test-slow test-all bench eval clean
+	test-slow test-all bench bench-gpu eval clean
 
 install: $(VENV)/.installed  ## create .venv and install the project with pinned versions
 
@@ -77,8 +77,13 @@ test-slow: tiny  ## only the slow tests (end-to-end runs, some on make tiny's wo
 test-all: tiny  ## everything, slow tests included (builds make tiny's world first)
 	$(PY) -m pytest -q
 
-bench: tiny
+bench: tiny  ## the tiny preset's CPU training step, then (with CUDA) the SD1.5-scale benchmark; both into docs/benchmarks.md
 	$(PY) -m src.bench
+
+# No `make tiny` (random weights at SD1.5 size) and no `install` (on a GPU machine with the packages installed
+# another way: `make bench-gpu PY=python`). Each row is isolated and the table is rewritten after every row.
+bench-gpu:  ## the SD1.5-scale benchmark alone on a CUDA device (compiled rows, batch 64 with gradient checkpointing)
+	$(PY) -m src.bench_sd15 --compile --big-batch 64
 
 eval: install
 	$(PY) -m src.evaluate

@@ -44,3 +44,49 @@ def test_sd15_bench_code_runs_on_the_tiny_architecture(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             bench_sd15.main(["--arch", "sd15"])
+
+
+TINY_RUN = ["--arch", "tiny", "--batch-size", "2", "--iters", "1", "--warmup", "0", "--steps", "2",
+            "--infer-iters", "1"]
+
+
+def _rows(doc) -> dict[str, str]:
+    return {line.split("|")[1].strip(): line for line in doc.read_text().splitlines() if line.startswith("| ")}
+
+
+def _measured(line: str) -> float:
+    """A row's speed: img/s of a training row (4th column), ms / image of an inference row (2nd)."""
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    return float(cells[3] if len(cells) == 8 else cells[1])
+
+
+def test_a_failing_row_is_recorded_as_its_result_and_the_other_rows_go_on(tmp_path, monkeypatch):
+    """An out-of-memory error in stage 2's step is that row's figure; the other rows are still measured."""
+    from src.benchmarks import steps
+
+    def step_or_oom(module, batch, opt):
+        if module.stage == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+        return steps.module_step(module, batch, opt)
+
+    monkeypatch.setattr(sd15, "module_step", step_or_oom)
+    doc = tmp_path / "benchmarks.md"
+    bench_sd15.main([*TINY_RUN, "--doc", str(doc)])
+    rows = _rows(doc)
+    assert "failed: RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB |" in rows["stage 2"]
+    for name in ("baseline LoRA loop", "stage 1", "stage 1, UNet part", "plain SD1.5 pipeline",
+                 "UniPortrait, 2 identities"):
+        assert "failed" not in rows[name] and _measured(rows[name]) > 0, name
+
+
+def test_a_run_stopped_midway_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # not a row's error: the run stops here
+
+    monkeypatch.setattr(sd15, "unet_part_step", interrupted)
+    doc = tmp_path / "benchmarks.md"
+    with pytest.raises(KeyboardInterrupt):
+        bench_sd15.main([*TINY_RUN, "--doc", str(doc)])
+    rows = _rows(doc)
+    assert _measured(rows["baseline LoRA loop"]) > 0 and _measured(rows["stage 1"]) > 0
+    assert "stage 2" not in rows and "plain SD1.5 pipeline" not in rows

@@ -16,7 +16,10 @@ In one run, on one device:
   each UniPortrait row also with `--compile` (torch.compile of the UNet) when asked;
 - **inference**: `--steps` DDIM steps with CFG at the UNet's native size, fp16 on a GPU: the plain SD1.5
   pipeline against UniPortrait with 0, 1 and 2 identities (active LoRA merged into the weights).
-The table is printed last and written between markers in docs/benchmarks.md with card, versions and date.
+Each row is isolated: an error in it (out of memory, a compile failure) becomes that row's result and the
+other rows go on. The tables are rewritten (printed and, unless --no-record, written between markers in
+docs/benchmarks.md with card, versions and date) after every row, so a run stopped midway keeps what it
+measured.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
+import math
 import os
 import platform
 import time
@@ -154,13 +158,30 @@ class Device:
         return (time.perf_counter() - t0) / iters
 
 
-def matmul_peak_tflops(dev: Device) -> float:
-    """Measured dense matmul throughput: bf16 8192^3 on a GPU, fp32 1024^3 on the CPU."""
+def matmul_peak_tflops(dev: Device, min_seconds: float = 1.0) -> float:
+    """Measured dense matmul throughput: bf16 8192^3 on a GPU, fp32 1024^3 on the CPU, timed over at least
+    `min_seconds` (a few calls of ~1 ms on a GPU would time the clock ramp and the launch, not the peak)."""
     n, dtype = (8192, torch.bfloat16) if dev.cuda else (1024, torch.float32)
     a = torch.randn(n, n, device=dev.device, dtype=dtype)
     b = torch.randn(n, n, device=dev.device, dtype=dtype)
-    sec = dev.timed(lambda: a @ b, iters=20 if dev.cuda else 3, warmup=3 if dev.cuda else 1)
+    first = dev.timed(lambda: a @ b, iters=3, warmup=3 if dev.cuda else 1)
+    iters = max(3, math.ceil(min_seconds / max(first, 1e-6)))
+    sec = dev.timed(lambda: a @ b, iters=iters, warmup=0)
     return 2 * n**3 / sec / 1e12
+
+
+def isolated(name: str, rows: list[dict], log: Callable[[str], None], work: Callable[[], None],
+             dev: Device) -> None:
+    """Run one row's `work`; an exception (out of memory, a compile error, ...) is recorded as the row's result
+    and the benchmark goes on. KeyboardInterrupt and SystemExit are not caught."""
+    try:
+        work()
+    except Exception as err:  # noqa: BLE001 (any failure of one row is that row's figure)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        rows.append({"row": name, "error": f"{type(err).__name__}: {first[:160]}"})
+        log(f"{name}: failed, {rows[-1]['error']}")
+    finally:
+        dev.reset_memory()
 
 
 def count_flops(fn: Callable[[], Any]) -> float:
@@ -262,7 +283,9 @@ def make_module(arch: Arch, nets, stage: int, compile_unet: bool, device: torch.
 
 
 def training_rows(arch: Arch, nets, dev: Device, batch_size: int, resolution: int, iters: int, warmup: int,
-                  peak: float, compile_unet: bool, log: Callable[[str], None], big_batch: int = 0) -> list[dict]:
+                  peak: float, compile_unet: bool, log: Callable[[str], None], big_batch: int = 0,
+                  on_row: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Every training row, each isolated (`isolated`); `on_row(rows)` after each one."""
     rows: list[dict] = []
     flops_of: dict[str, float] = {}  # counted eagerly; a compiled row does the same math
 
@@ -281,35 +304,52 @@ def training_rows(arch: Arch, nets, dev: Device, batch_size: int, resolution: in
         log(f"{name}{' (compiled)' if compiled else ''}: {row['img_s']:.1f} img/s, MFU {row['mfu']:.1%}, "
             f"peak {row['peak_gb']:.1f} GB")
 
+    def row(name: str, work: Callable[[], None]) -> None:
+        isolated(name, rows, log, work, dev)
+        on_row(rows)
+
     single = random_batch(arch, nets, batch_size, resolution, [1] * batch_size, dev.device, seed=0)
     multi = random_batch(arch, nets, batch_size, resolution, [2 + i % 2 for i in range(batch_size)], dev.device, 1)
 
-    step, unet = baseline_step(nets, single, arch.lora_rank, dev.device)
-    measure("baseline LoRA loop", step)
-    del step, unet
+    def baseline() -> None:
+        step, unet = baseline_step(nets, single, arch.lora_rank, dev.device)
+        measure("baseline LoRA loop", step)
+
+    row("baseline LoRA loop", baseline)
     for compiled in ([False, True] if compile_unet else [False]):
         for stage, batch in ((1, single), (2, multi)):
-            module = make_module(arch, nets, stage, compiled, dev.device)
-            module.train()
-            opt = optimizer_of(module)
-            measure(f"stage {stage}", module_step(module, batch, opt), compiled)
-            if stage == 1:
-                measure("stage 1, UNet part", unet_part_step(module, batch, opt), compiled)
-            del module, opt
+            held: dict[str, Any] = {}
+
+            def full_step(stage: int = stage, batch: dict = batch, compiled: bool = compiled,
+                          held: dict[str, Any] = held) -> None:
+                module = make_module(arch, nets, stage, compiled, dev.device)
+                module.train()
+                held.update(module=module, opt=optimizer_of(module))
+                measure(f"stage {stage}", module_step(module, batch, held["opt"]), compiled)
+
+            row(f"stage {stage}", full_step)
+            if stage == 1 and "opt" in held:
+                row("stage 1, UNet part", lambda batch=batch, compiled=compiled, held=held: measure(
+                    "stage 1, UNet part", unet_part_step(held["module"], batch, held["opt"]), compiled))
+            held.clear()
             dev.reset_memory()
     if big_batch:  # the largest batch: stage 1 with gradient checkpointing
-        big = random_batch(arch, nets, big_batch, resolution, [1] * big_batch, dev.device, seed=2)
-        module = make_module(arch, nets, 1, False, dev.device, gradient_checkpointing=True)
-        module.train()
-        opt = optimizer_of(module)
-        measure("stage 1, gradient checkpointing", module_step(module, big, opt), batch=big_batch)
-        del module, opt
-        dev.reset_memory()
+
+        def checkpointed() -> None:
+            big = random_batch(arch, nets, big_batch, resolution, [1] * big_batch, dev.device, seed=2)
+            module = make_module(arch, nets, 1, False, dev.device, gradient_checkpointing=True)
+            module.train()
+            measure("stage 1, gradient checkpointing", module_step(module, big, optimizer_of(module)),
+                    batch=big_batch)
+
+        row("stage 1, gradient checkpointing", checkpointed)
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- inference rows
-def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: Callable[[str], None]) -> list[dict]:
+def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: Callable[[str], None],
+                   on_row: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """The plain pipeline, then UniPortrait with 0, 1 and 2 identities; each row isolated, `on_row` after each."""
     import copy
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -319,7 +359,8 @@ def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: C
     dtype = torch.float16 if dev.cuda else torch.float32
     prompt = "a photo of two people in a park"
     kw = dict(num_inference_steps=steps, guidance_scale=7.5)
-    rows = []
+    rows: list[dict] = []
+    held: dict[str, Any] = {}
 
     def measure(name: str, call: Callable[[], Any]) -> None:
         with torch.no_grad():
@@ -328,44 +369,67 @@ def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: C
         rows.append({"row": name, "image_s": sec, "peak_gb": dev.peak_memory_gb()})
         log(f"{name}: {sec * 1000:.0f} ms/image")
 
-    module = make_module(arch, nets, 2, False, dev.device)  # before the shared encoders turn fp16
-    plain = StableDiffusionPipeline(
-        vae=nets.vae, text_encoder=nets.text_encoder, tokenizer=nets.tokenizer, unet=nets.unet,
-        scheduler=DDIMScheduler.from_config(nets.scheduler.config), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False).to(dev.device, dtype)
-    plain.set_progress_bar_config(disable=True)
-    measure("plain SD1.5 pipeline", lambda: plain(prompt, **kw))
+    def row(name: str, work: Callable[[], None]) -> None:
+        isolated(name, rows, log, work, dev)
+        on_row(rows)
 
-    ours_nets = copy.copy(nets)
-    ours_nets.unet = module.unet
-    pipe = UniPortraitPipeline.from_components(ours_nets, module.identity.embedding).to(dev.device, dtype)
-    pipe.pipe.set_progress_bar_config(disable=True)
-    pipe.fuse_lora(True)
-    s = nets.clip.image_size
-    g = torch.Generator().manual_seed(0)
-    people = [Identity.from_crops(torch.rand(1, 3, 112, 112, generator=g) * 2 - 1,
-                                  torch.rand(1, 3, s, s, generator=g) * 2 - 1) for _ in range(2)]
-    measure("UniPortrait, 0 identities", lambda: pipe.pipe(prompt, **kw))  # processors in, no identity
+    def plain_row() -> None:
+        held["module"] = make_module(arch, nets, 2, False, dev.device)  # before the shared encoders turn fp16
+        plain = StableDiffusionPipeline(
+            vae=nets.vae, text_encoder=nets.text_encoder, tokenizer=nets.tokenizer, unet=nets.unet,
+            scheduler=DDIMScheduler.from_config(nets.scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False).to(dev.device, dtype)
+        plain.set_progress_bar_config(disable=True)
+        measure("plain SD1.5 pipeline", lambda: plain(prompt, **kw))
+
+    def ours() -> Any:
+        if "pipe" not in held:
+            if "module" not in held:
+                raise RuntimeError("no stage-2 module: building it failed (see the plain pipeline's row)")
+            ours_nets = copy.copy(nets)
+            ours_nets.unet = held["module"].unet
+            pipe = UniPortraitPipeline.from_components(ours_nets, held["module"].identity.embedding)
+            pipe = pipe.to(dev.device, dtype)
+            pipe.pipe.set_progress_bar_config(disable=True)
+            pipe.fuse_lora(True)
+            s = nets.clip.image_size
+            g = torch.Generator().manual_seed(0)
+            held["people"] = [Identity.from_crops(torch.rand(1, 3, 112, 112, generator=g) * 2 - 1,
+                                                  torch.rand(1, 3, s, s, generator=g) * 2 - 1) for _ in range(2)]
+            held["pipe"] = pipe
+        return held["pipe"]
+
+    row("plain SD1.5 pipeline", plain_row)
+    # processors in, no identity
+    row("UniPortrait, 0 identities", lambda: measure("UniPortrait, 0 identities", lambda: ours().pipe(prompt, **kw)))
     for n in (1, 2):
-        measure(f"UniPortrait, {n} identit{'y' if n == 1 else 'ies'}",
-                lambda n=n: pipe(prompt, people[:n], progress=False, **kw))
-    base = rows[0]["image_s"]
-    for r in rows:
-        r["vs_plain"] = r["image_s"] / base
+        name = f"UniPortrait, {n} identit{'y' if n == 1 else 'ies'}"
+        row(name, lambda n=n, name=name: measure(name, lambda: ours()(prompt, held["people"][:n], progress=False,
+                                                                      **kw)))
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- report
 def tables(train: list[dict], infer: list[dict]) -> str:
-    base = next(r["img_s"] for r in train if r["row"] == "baseline LoRA loop")
+    """Markdown tables of the rows measured so far; a failed row shows its error, ratios need their reference."""
+    base = next((r["img_s"] for r in train if r["row"] == "baseline LoRA loop" and "error" not in r), None)
+    plain = next((r["image_s"] for r in infer if r["row"] == "plain SD1.5 pipeline" and "error" not in r), None)
     lines = ["| training step | compiled | batch | img/s | x baseline | TFLOP/img | MFU | peak mem (GB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in train:
+        if "error" in r:
+            lines.append(f"| {r['row']} | | | failed: {r['error']} | | | | |")
+            continue
+        ratio = f"{r['img_s'] / base:.2f}" if base else "-"
         lines.append(f"| {r['row']} | {'yes' if r['compiled'] else 'no'} | {r['batch']} | {r['img_s']:.1f} | "
-                     f"{r['img_s'] / base:.2f} | {r['tflop_img']:.3g} | {r['mfu']:.1%} | {r['peak_gb']:.1f} |")
+                     f"{ratio} | {r['tflop_img']:.3g} | {r['mfu']:.1%} | {r['peak_gb']:.1f} |")
     lines += ["", "| inference | ms / image | x plain pipeline | peak mem (GB) |", "|---|---|---|---|"]
     for r in infer:
-        lines.append(f"| {r['row']} | {r['image_s'] * 1000:.0f} | {r['vs_plain']:.2f} | {r['peak_gb']:.1f} |")
+        if "error" in r:
+            lines.append(f"| {r['row']} | failed: {r['error']} | | |")
+            continue
+        ratio = f"{r['image_s'] / plain:.2f}" if plain else "-"
+        lines.append(f"| {r['row']} | {r['image_s'] * 1000:.0f} | {ratio} | {r['peak_gb']:.1f} |")
     return "\n".join(lines)
 
 

@@ -55,14 +55,22 @@ def main(argv: list[str] | None = None) -> str:
         m.to(dev.device)
     peak = matmul_peak_tflops(dev)
     log(f"matmul peak {peak:.1f} TFLOP/s")
-    train = training_rows(arch, nets, dev, a.batch_size, a.resolution, a.iters, a.warmup, peak, a.compile, log,
-                          a.big_batch)
-    infer = inference_rows(arch, nets, dev, a.steps, a.infer_iters, log)
     head = describe(dev, arch, a, peak)
-    out = tables(train, infer)
+    rows: dict[str, list[dict]] = {"train": [], "infer": []}
+
+    def record(part: str, measured: list[dict]) -> None:
+        """Write the tables so far after every row: a run stopped midway keeps what it measured."""
+        rows[part] = measured
+        if not a.no_record:
+            write_section(a.doc, BEGIN, END, f"{head}\n\n{tables(rows['train'], rows['infer'])}",
+                          "SD1.5 scale (`python -m src.bench_sd15`)")
+
+    training_rows(arch, nets, dev, a.batch_size, a.resolution, a.iters, a.warmup, peak, a.compile, log, a.big_batch,
+                  on_row=lambda measured: record("train", measured))
+    inference_rows(arch, nets, dev, a.steps, a.infer_iters, log, on_row=lambda measured: record("infer", measured))
+    out = tables(rows["train"], rows["infer"])
     print(head + "\n\n" + out)
     if not a.no_record:
-        write_section(a.doc, BEGIN, END, f"{head}\n\n{out}", "SD1.5 scale (`python -m src.bench_sd15`)")
         print(f"recorded in {a.doc}")
     return out
 
