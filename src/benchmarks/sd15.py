@@ -31,7 +31,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,18 +170,20 @@ def matmul_peak_tflops(dev: Device, min_seconds: float = 1.0) -> float:
     return 2 * n**3 / sec / 1e12
 
 
-def isolated(name: str, rows: list[dict], log: Callable[[str], None], work: Callable[[], None],
-             dev: Device) -> None:
-    """Run one row's `work`; an exception (out of memory, a compile error, ...) is recorded as the row's result
-    and the benchmark goes on. KeyboardInterrupt and SystemExit are not caught."""
+@contextlib.contextmanager
+def isolated(name: str, rows: list[dict], log: Callable[[str], None], dev: Device,
+             on_row: Callable[[list[dict]], None]) -> Iterator[None]:
+    """One row: an exception inside (out of memory, a compile error, ...) is recorded as the row's result and
+    the benchmark goes on (KeyboardInterrupt and SystemExit are not caught); `on_row(rows)` after it."""
     try:
-        work()
+        yield
     except Exception as err:  # noqa: BLE001 (any failure of one row is that row's figure)
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         rows.append({"row": name, "error": f"{type(err).__name__}: {first[:160]}"})
         log(f"{name}: failed, {rows[-1]['error']}")
     finally:
         dev.reset_memory()
+        on_row(rows)
 
 
 def count_flops(fn: Callable[[], Any]) -> float:
@@ -304,45 +306,34 @@ def training_rows(arch: Arch, nets, dev: Device, batch_size: int, resolution: in
         log(f"{name}{' (compiled)' if compiled else ''}: {row['img_s']:.1f} img/s, MFU {row['mfu']:.1%}, "
             f"peak {row['peak_gb']:.1f} GB")
 
-    def row(name: str, work: Callable[[], None]) -> None:
-        isolated(name, rows, log, work, dev)
-        on_row(rows)
-
     single = random_batch(arch, nets, batch_size, resolution, [1] * batch_size, dev.device, seed=0)
     multi = random_batch(arch, nets, batch_size, resolution, [2 + i % 2 for i in range(batch_size)], dev.device, 1)
 
-    def baseline() -> None:
+    with isolated("baseline LoRA loop", rows, log, dev, on_row):
         step, unet = baseline_step(nets, single, arch.lora_rank, dev.device)
         measure("baseline LoRA loop", step)
-
-    row("baseline LoRA loop", baseline)
+        del step, unet
     for compiled in ([False, True] if compile_unet else [False]):
         for stage, batch in ((1, single), (2, multi)):
-            held: dict[str, Any] = {}
-
-            def full_step(stage: int = stage, batch: dict = batch, compiled: bool = compiled,
-                          held: dict[str, Any] = held) -> None:
+            module = opt = None
+            with isolated(f"stage {stage}", rows, log, dev, on_row):
                 module = make_module(arch, nets, stage, compiled, dev.device)
                 module.train()
-                held.update(module=module, opt=optimizer_of(module))
-                measure(f"stage {stage}", module_step(module, batch, held["opt"]), compiled)
-
-            row(f"stage {stage}", full_step)
-            if stage == 1 and "opt" in held:
-                row("stage 1, UNet part", lambda batch=batch, compiled=compiled, held=held: measure(
-                    "stage 1, UNet part", unet_part_step(held["module"], batch, held["opt"]), compiled))
-            held.clear()
+                opt = optimizer_of(module)
+                measure(f"stage {stage}", module_step(module, batch, opt), compiled)
+            if stage == 1 and opt is not None:
+                with isolated("stage 1, UNet part", rows, log, dev, on_row):
+                    measure("stage 1, UNet part", unet_part_step(module, batch, opt), compiled)
+            del module, opt
             dev.reset_memory()
     if big_batch:  # the largest batch: stage 1 with gradient checkpointing
-
-        def checkpointed() -> None:
+        with isolated("stage 1, gradient checkpointing", rows, log, dev, on_row):
             big = random_batch(arch, nets, big_batch, resolution, [1] * big_batch, dev.device, seed=2)
             module = make_module(arch, nets, 1, False, dev.device, gradient_checkpointing=True)
             module.train()
             measure("stage 1, gradient checkpointing", module_step(module, big, optimizer_of(module)),
                     batch=big_batch)
-
-        row("stage 1, gradient checkpointing", checkpointed)
+            del module
     return rows
 
 
@@ -360,7 +351,6 @@ def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: C
     prompt = "a photo of two people in a park"
     kw = dict(num_inference_steps=steps, guidance_scale=7.5)
     rows: list[dict] = []
-    held: dict[str, Any] = {}
 
     def measure(name: str, call: Callable[[], Any]) -> None:
         with torch.no_grad():
@@ -369,43 +359,34 @@ def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: C
         rows.append({"row": name, "image_s": sec, "peak_gb": dev.peak_memory_gb()})
         log(f"{name}: {sec * 1000:.0f} ms/image")
 
-    def row(name: str, work: Callable[[], None]) -> None:
-        isolated(name, rows, log, work, dev)
-        on_row(rows)
-
-    def plain_row() -> None:
-        held["module"] = make_module(arch, nets, 2, False, dev.device)  # before the shared encoders turn fp16
+    module = pipe = None
+    with isolated("plain SD1.5 pipeline", rows, log, dev, on_row):
+        module = make_module(arch, nets, 2, False, dev.device)  # before the shared encoders turn fp16
         plain = StableDiffusionPipeline(
             vae=nets.vae, text_encoder=nets.text_encoder, tokenizer=nets.tokenizer, unet=nets.unet,
             scheduler=DDIMScheduler.from_config(nets.scheduler.config), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False).to(dev.device, dtype)
         plain.set_progress_bar_config(disable=True)
         measure("plain SD1.5 pipeline", lambda: plain(prompt, **kw))
-
-    def ours() -> Any:
-        if "pipe" not in held:
-            if "module" not in held:
-                raise RuntimeError("no stage-2 module: building it failed (see the plain pipeline's row)")
-            ours_nets = copy.copy(nets)
-            ours_nets.unet = held["module"].unet
-            pipe = UniPortraitPipeline.from_components(ours_nets, held["module"].identity.embedding)
-            pipe = pipe.to(dev.device, dtype)
-            pipe.pipe.set_progress_bar_config(disable=True)
-            pipe.fuse_lora(True)
-            s = nets.clip.image_size
-            g = torch.Generator().manual_seed(0)
-            held["people"] = [Identity.from_crops(torch.rand(1, 3, 112, 112, generator=g) * 2 - 1,
-                                                  torch.rand(1, 3, s, s, generator=g) * 2 - 1) for _ in range(2)]
-            held["pipe"] = pipe
-        return held["pipe"]
-
-    row("plain SD1.5 pipeline", plain_row)
-    # processors in, no identity
-    row("UniPortrait, 0 identities", lambda: measure("UniPortrait, 0 identities", lambda: ours().pipe(prompt, **kw)))
+    with isolated("UniPortrait, 0 identities", rows, log, dev, on_row):
+        if module is None:
+            raise RuntimeError("no stage-2 module: building it failed (see the plain pipeline's row)")
+        ours_nets = copy.copy(nets)
+        ours_nets.unet = module.unet
+        pipe = UniPortraitPipeline.from_components(ours_nets, module.identity.embedding).to(dev.device, dtype)
+        pipe.pipe.set_progress_bar_config(disable=True)
+        pipe.fuse_lora(True)
+        measure("UniPortrait, 0 identities", lambda: pipe.pipe(prompt, **kw))  # processors in, no identity
+    s = nets.clip.image_size
+    g = torch.Generator().manual_seed(0)
+    people = [Identity.from_crops(torch.rand(1, 3, 112, 112, generator=g) * 2 - 1,
+                                  torch.rand(1, 3, s, s, generator=g) * 2 - 1) for _ in range(2)]
     for n in (1, 2):
         name = f"UniPortrait, {n} identit{'y' if n == 1 else 'ies'}"
-        row(name, lambda n=n, name=name: measure(name, lambda: ours()(prompt, held["people"][:n], progress=False,
-                                                                      **kw)))
+        with isolated(name, rows, log, dev, on_row):
+            if pipe is None:
+                raise RuntimeError("no UniPortrait pipeline: building it failed (see the rows above)")
+            measure(name, lambda n=n: pipe(prompt, people[:n], progress=False, **kw))
     return rows
 
 

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def console() -> None:
-    """Console script `uniportrait-evaluate`."""
+    """Console script `uniportrait-eval`."""
     sys.exit(exit_status(main()))
 
 

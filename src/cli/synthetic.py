@@ -51,7 +51,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return manifest
 
 
-
 def console() -> None:
     """Console script `uniportrait-synthetic`."""
     sys.exit(exit_status(main()))
