@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from src.config import resolve_config
 from src.inference import convert
 from src.inference.pipeline import UniPortraitPipeline
 from src.models import adapters
@@ -28,7 +28,8 @@ FACEID_NAME, ROUTER_NAME = "uniportrait-faceid_sd15", "uniportrait-router_sd15"
 
 
 def load_components(path: Path | None, base_model: str | None, tiny_root: Path = DEFAULT_TINY) -> ComponentPaths:
-    """ComponentPaths from a YAML (plain keys, a `components:` section or a full config's model.components);
+    """ComponentPaths from a YAML (plain keys, a `components:` section or a full config's model.components,
+    read as training reads it: `src.config.resolve_config`, so a stage config's inherited components count);
     without a YAML the embedded tiny world under `tiny_root`. `base_model` overrides components.base_model."""
     if path is None:
         from src.tiny import tiny_components
@@ -37,7 +38,7 @@ def load_components(path: Path | None, base_model: str | None, tiny_root: Path =
     else:
         if not path.is_file():
             raise FileNotFoundError(f"--components: no such file {path}")
-        data: Any = yaml.safe_load(path.read_text()) or {}
+        data: Any = resolve_config(path)
         if isinstance(data.get("model"), dict):
             data = data["model"]
         if isinstance(data.get("init_args"), dict):

@@ -150,6 +150,7 @@ def test_non_image_input_is_an_error_naming_it_before_any_weights_load(
     assert "notes_not_a_photo.jpg" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
+
 def test_components_yaml_forms(world: dict, tmp_path: Path) -> None:
     cfg = yaml.safe_load(world["config"].read_text())["model"]["components"]
     plain = tmp_path / "plain.yaml"
@@ -158,6 +159,9 @@ def test_components_yaml_forms(world: dict, tmp_path: Path) -> None:
     b = loading.load_components(world["config"], "/elsewhere/base")
     assert a.base_model == cfg["base_model"] and b.base_model == "/elsewhere/base"
     assert a.face_widths == tuple(architectures.TINY_FACE_WIDTHS)
+    stage2 = tmp_path / "stage2.yaml"  # a stage config: its components come from the config it inherits
+    stage2.write_text(yaml.safe_dump({"inherits": str(world["config"]), "model": {"stage": 2}}))
+    assert vars(loading.load_components(stage2, None)) == vars(loading.load_components(world["config"], None))
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"components": {"not_a_key": 1}}))
     with pytest.raises(ValueError, match="bad.yaml"):
