@@ -28,6 +28,7 @@ from src.models.id_embedding import IDEmbedding, QFormerSpec
 from src.models.identity_encoder import FeatureCache, IdentityEncoder
 from src.models.presets import ComponentPaths
 from src.models.router import routing_loss, schedule_tau
+from src.precision import adapters_to_float32, cast_frozen, frozen_autocast, parse_frozen_dtype
 from src.probes import ProbesMixin
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         adds routers and a LoRA, which recompiles once.
     compile_backend / compile_mode: passed to `torch.compile` ("inductor" needs a C++ compiler on
         the CPU; "aot_eager" does not).
+    frozen_dtype: "bfloat16" or "float16" stores the frozen base networks (UNet base weights, VAE, text
+        encoder, face backbone, CLIP tower) in that dtype, the trained adapters in fp32, and runs the module's
+        forwards under autocast (src/precision.py); "float32" (default) keeps everything fp32.
     feature_cache: memoise the frozen face-backbone and CLIP features of up to this many faces, keyed
         by the batch's `face_digest` (0: off). A sample seen again skips both encoders (a third of the
         tiny stage-2 step, `make bench`). Memory per face is logged at the start; at SD1.5 scale (ViT-H
@@ -110,6 +114,7 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
         feature_cache: int = 0,
+        frozen_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
@@ -129,7 +134,9 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.strict_loading = False  # checkpoints hold adapters only; see on_load_checkpoint
 
+        self.frozen_dtype = parse_frozen_dtype(frozen_dtype)
         nets = components.build()
+        cast_frozen((nets.unet, nets.vae, nets.text_encoder, nets.face, nets.clip), self.frozen_dtype)
         self.unet, self.vae, self.text_encoder = nets.unet, nets.vae, nets.text_encoder
         self.tokenizer, self.scheduler = nets.tokenizer, nets.scheduler
         cross_dim = self.unet.config.cross_attention_dim
@@ -154,6 +161,7 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         adapters.install_faceid_processors(self.unet, id_dim=cross_dim, num_tokens=qformer.num_queries,
                                            value_init="zero")
         adapters.add_lora(self.unet, SINGLE, rank=lora_rank)
+        adapters_to_float32(self.unet)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if channels_last:
@@ -175,6 +183,7 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         if stage == 2 and not adapters.router_parameters(self.unet):
             adapters.add_routers(self.unet)
             adapters.add_lora(self.unet, MULTI, rank=self.hparams.lora_rank, init_from=SINGLE)
+            adapters_to_float32(self.unet)
             self.unet.to(self.device)
         if stage == 1:
             adapters.set_active_lora(self.unet, SINGLE)
@@ -249,7 +258,8 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
     @torch.no_grad()
     def encode_images(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f) (posterior mode: deterministic)."""
-        return vae_latents(self.vae, image)
+        with self.autocast():
+            return vae_latents(self.vae, image)
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
@@ -257,7 +267,8 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
             captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]  # (B, 77, D)
+        with self.autocast():
+            return self.text_encoder(ids)[0]  # (B, 77, D)
 
     def identity_tokens(
         self, recog: torch.Tensor, clip_crop: torch.Tensor, valid: torch.Tensor, drop: torch.Tensor | None = None,
@@ -270,9 +281,10 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         flat = valid.flatten()  # (B*N,)
         face_drop = None if drop is None else drop[:, None].expand(b, n).flatten()[flat]
         keys = None if digest is None else digest.flatten()[flat]  # (M,)
-        tokens = self.identity(
-            recog.flatten(0, 1)[flat][:, None], clip_crop.flatten(0, 1)[flat][:, None], drop=face_drop, keys=keys
-        )  # (M, Q, D)
+        with self.autocast():
+            tokens = self.identity(
+                recog.flatten(0, 1)[flat][:, None], clip_crop.flatten(0, 1)[flat][:, None], drop=face_drop, keys=keys
+            )  # (M, Q, D)
         out = tokens.new_zeros(b * n, *tokens.shape[1:])
         out[flat] = tokens
         return out.view(b, n, *tokens.shape[1:])
@@ -293,7 +305,12 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         )
 
     def _denoise(self, noisy, t, text, ctx) -> torch.Tensor:
-        return self.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs={"faceid": ctx}).sample
+        with self.autocast():
+            return self.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs={"faceid": ctx}).sample
+
+    def autocast(self):
+        """Autocast to `model.frozen_dtype` around a forward when the frozen weights are not fp32 (else a no-op)."""
+        return frozen_autocast(self.device, self.frozen_dtype)
 
     # ------------------------------------------------------------------ training
     def _sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None):
@@ -463,9 +480,10 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
                 masks = None
                 if len(slots) > 1 and not routed:
                     masks = batch["face_masks"][b, slots].float().cpu()  # (N, H, W)
-                out = pipe(caption, identities, faceid_scale=faceid_scale, guidance_scale=guidance_scale,
-                           num_inference_steps=num_inference_steps, seed=seed + b, height=int(height),
-                           width=int(width), masks=masks, progress=False)
+                with self.autocast():
+                    out = pipe(caption, identities, faceid_scale=faceid_scale, guidance_scale=guidance_scale,
+                               num_inference_steps=num_inference_steps, seed=seed + b, height=int(height),
+                               width=int(width), masks=masks, progress=False)
                 arr = torch.from_numpy(np.asarray(out.images[0].convert("RGB")).copy())  # (H, W, 3) uint8
                 images.append(arr.permute(2, 0, 1).float() / 127.5 - 1.0)  # (3, H, W)
         finally:

@@ -164,6 +164,39 @@ def test_speed_and_memory_options_leave_the_loss_and_gradients_unchanged(tiny_wo
         torch.testing.assert_close(g_on[n], g, rtol=1e-4, atol=1e-7, msg=n)
 
 
+def test_frozen_weights_in_bf16_keep_the_adapters_fp32_and_the_loss_close(tiny_world):
+    """`frozen_dtype: bfloat16`: base networks stored in bf16, every trained parameter (stage-2 routers and the
+    multi-ID LoRA added at the switch included) in fp32 with fp32 gradients; the step runs outside any outer
+    autocast (the module autocasts its own forwards) and its loss stays near the fp32 model's."""
+    batch = batch_from(tiny_world, multi=True)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        m = make_module(tiny_world, stage=2, frozen_dtype=dtype)
+        m.train()
+        torch.manual_seed(1)
+        out = m.shared_step(batch)
+        out["loss"].backward()
+        losses[dtype] = out
+    want = torch.float32 if dtype == "float32" else torch.bfloat16
+    for net in (m.vae, m.text_encoder, m.identity.face, m.identity.clip):
+        assert {p.dtype for p in net.parameters()} == {want}
+    assert m.unet.conv_in.weight.dtype == want
+    trained = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    assert trained and adapters.router_parameters(m.unet)
+    for n, p in trained:
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, n
+    for name in adapters.lora_names(m.unet):
+        assert all(p.dtype == torch.float32 for p in adapters.lora_parameters(m.unet, name).values()), name
+    for k in ("diffusion", "routing"):
+        assert torch.isfinite(losses["bfloat16"][k])
+        torch.testing.assert_close(losses["bfloat16"][k].float(), losses["float32"][k].float(), rtol=0.05, atol=0.02)
+    with torch.no_grad():
+        own, other = m.identity_gap(batch_from(tiny_world))  # a probe, called outside the training step
+    assert torch.isfinite(own).all() and torch.isfinite(other).all()
+    with pytest.raises(ValueError, match="model.frozen_dtype"):
+        make_module(tiny_world, frozen_dtype="bf16")
+
+
 def test_stage1_untrained_adapter_is_the_base_model_and_training_reaches_every_part(tiny_world):
     """to_v_faceid starts at zero: the untrained model equals the base UNet exactly (own == other
     identity); after one optimizer step gradients reach the ID embedding and both projections."""

@@ -24,14 +24,10 @@ measured.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
-import gc
-import math
 import os
 import platform
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +35,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from src.benchmarks.measure import Device, count_flops, frozen_flops, isolated, model_flops, no_recompute
 from src.benchmarks.steps import module_step, optimizer_of
 
 BEGIN, END = "<!-- bench:sd15:begin -->", "<!-- bench:sd15:end -->"
+FAST_NOTE = ("UniPortrait rows with frozen weights in bf16 and fused AdamW (configs/stage1.yaml), the baseline "
+             "with its frozen weights in bf16 (as the diffusers example); ")
 
 
 # ---------------------------------------------------------------------------------------------- architectures
@@ -119,82 +118,6 @@ class Prebuilt:
         return self.nets
 
 
-# ---------------------------------------------------------------------------------------------- measurement
-class Device:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.amp = torch.bfloat16 if self.cuda else None  # CPU: fp32 (what the tiny test checks)
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=self.amp) if self.amp else contextlib.nullcontext()
-
-    def reset_memory(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak_memory_gb(self) -> float:
-        if self.cuda:
-            return torch.cuda.max_memory_allocated(self.device) / 1024**3
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-    def timed(self, fn: Callable[[], Any], iters: int, warmup: int) -> float:
-        """Seconds per call of `fn` after `warmup` calls."""
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        self.sync()
-        return (time.perf_counter() - t0) / iters
-
-
-def matmul_peak_tflops(dev: Device, min_seconds: float = 1.0) -> float:
-    """Measured dense matmul throughput: bf16 8192^3 on a GPU, fp32 1024^3 on the CPU, timed over at least
-    `min_seconds` (a few calls of ~1 ms on a GPU would time the clock ramp and the launch, not the peak)."""
-    n, dtype = (8192, torch.bfloat16) if dev.cuda else (1024, torch.float32)
-    a = torch.randn(n, n, device=dev.device, dtype=dtype)
-    b = torch.randn(n, n, device=dev.device, dtype=dtype)
-    first = dev.timed(lambda: a @ b, iters=3, warmup=3 if dev.cuda else 1)
-    iters = max(3, math.ceil(min_seconds / max(first, 1e-6)))
-    sec = dev.timed(lambda: a @ b, iters=iters, warmup=0)
-    return 2 * n**3 / sec / 1e12
-
-
-@contextlib.contextmanager
-def isolated(name: str, rows: list[dict], log: Callable[[str], None], dev: Device,
-             on_row: Callable[[list[dict]], None]) -> Iterator[None]:
-    """One row: an exception inside (out of memory, a compile error, ...) is recorded as the row's result and
-    the benchmark goes on (KeyboardInterrupt and SystemExit are not caught); `on_row(rows)` after it."""
-    try:
-        yield
-    except Exception as err:  # noqa: BLE001 (any failure of one row is that row's figure)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        rows.append({"row": name, "error": f"{type(err).__name__}: {first[:160]}"})
-        log(f"{name}: failed, {rows[-1]['error']}")
-    finally:
-        dev.reset_memory()
-        on_row(rows)
-
-
-def count_flops(fn: Callable[[], Any]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
 # ---------------------------------------------------------------------------------------------- batches
 def random_batch(arch: Arch, nets, batch: int, resolution: int, faces: list[int], device: torch.device, seed: int):
     """A training batch of the collate contract with random pixels; `faces[i]` identities in image i."""
@@ -238,26 +161,44 @@ def unet_part_step(module, batch, opt) -> Callable[[], None]:
     return step
 
 
-def baseline_step(nets, batch, rank: int, device: torch.device) -> tuple[Callable[[], None], torch.nn.Module]:
-    """The diffusers LoRA-training example's loop on a fresh copy of the UNet."""
+@dataclass
+class Baseline:
+    """The baseline loop: `step` (one training step), `encoders` (its frozen VAE + text-encoder forward alone)."""
+
+    step: Callable[[], None]
+    encoders: Callable[[], Any]
+
+
+def baseline_step(nets, batch, rank: int, device: torch.device, weight_dtype: torch.dtype = torch.float32) -> Baseline:
+    """The diffusers LoRA-training example's loop (train_text_to_image_lora.py) on fresh copies of the networks:
+    frozen UNet, VAE and text encoder in `weight_dtype` (bf16 under bf16 mixed precision, as the example casts
+    them), peft LoRA rank `rank` on to_q/to_k/to_v/to_out.0 kept in fp32 (its `cast_training_params`), eager,
+    latents and text embeddings computed every step."""
     import copy
 
     from peft import LoraConfig
 
-    unet = copy.deepcopy(nets.unet).to(device)
+    unet = copy.deepcopy(nets.unet).to(device, weight_dtype)
+    vae = copy.deepcopy(nets.vae).to(device, weight_dtype)
+    text_encoder = copy.deepcopy(nets.text_encoder).to(device, weight_dtype)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # trainable LoRA weights in fp32
+    unet.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = nets.tokenizer(batch["caption"], padding="max_length", max_length=nets.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(device)
     sched = nets.scheduler
 
+    @torch.no_grad()
+    def encoders() -> tuple[torch.Tensor, torch.Tensor]:
+        latents = vae.encode(batch["image"].to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
+        return latents, text_encoder(ids)[0]
+
     def step() -> None:
-        with torch.no_grad():
-            latents = nets.vae.encode(batch["image"]).latent_dist.sample() * nets.vae.config.scaling_factor
-            text = nets.text_encoder(ids)[0]
+        latents, text = encoders()
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
         pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
@@ -266,21 +207,28 @@ def baseline_step(nets, batch, rank: int, device: torch.device) -> tuple[Callabl
         loss.backward()
         opt.step()
 
-    return step, unet
+    return Baseline(step, encoders)
 
 
 def make_module(arch: Arch, nets, stage: int, compile_unet: bool, device: torch.device,
-                gradient_checkpointing: bool = False):
+                gradient_checkpointing: bool = False, fast: bool = False):
+    """UniPortraitModule on `nets` (its own copy of the UNet). `fast`: configs/stage1.yaml's speed settings, frozen
+    weights in bf16 (`frozen_dtype`, which casts the shared frozen encoders in place) and fused AdamW."""
     import copy
+    import functools
 
     from src.models.id_embedding import QFormerSpec
     from src.module import UniPortraitModule
 
     own = copy.copy(nets)
     own.unet = copy.deepcopy(nets.unet)  # adapters are installed in place: keep the base UNet clean
+    extra: dict[str, Any] = {}
+    if fast:
+        extra = dict(frozen_dtype="bfloat16",
+                     optimizer=functools.partial(torch.optim.AdamW, weight_decay=1e-2, fused=True))
     module = UniPortraitModule(components=Prebuilt(own), stage=stage, lora_rank=arch.lora_rank,
                                qformer=QFormerSpec(**arch.qformer), lr=1e-5, compile_unet=compile_unet,
-                               gradient_checkpointing=gradient_checkpointing)
+                               gradient_checkpointing=gradient_checkpointing, **extra)
     return module.to(device)
 
 
@@ -289,18 +237,25 @@ def training_rows(arch: Arch, nets, dev: Device, batch_size: int, resolution: in
                   on_row: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
     """Every training row, each isolated (`isolated`); `on_row(rows)` after each one."""
     rows: list[dict] = []
-    flops_of: dict[str, float] = {}  # counted eagerly; a compiled row does the same math
+    flops_of: dict[str, tuple[float, float]] = {}  # name -> (model, frozen) per image; compiled rows: the same math
 
-    def measure(name: str, step: Callable[[], None], compiled: bool = False, batch: int = batch_size) -> None:
+    def measure(name: str, step: Callable[[], None], compiled: bool = False, batch: int = batch_size, module=None,
+                inputs: dict[str, Any] | None = None, per_image: tuple[float, float] | None = None) -> None:
+        """Time `step`; its FLOPs per image are `per_image` (model, frozen) when given, else counted here on
+        `module` / `inputs` (frozen encoders apart, recompute excluded)."""
         with dev.autocast():
             step()  # first call outside the timing (compilation, allocator warm-up)
+            if per_image is not None:
+                flops_of.setdefault(name, per_image)
             if name not in flops_of:
-                flops_of[name] = count_flops(step)
-            flops = flops_of[name]
+                frozen = frozen_flops(module, inputs) if module is not None and inputs is not None else 0.0
+                unet = module.unet if module is not None else None
+                flops_of[name] = (model_flops(step, unet, frozen) / batch, frozen / batch)
+            model, frozen = flops_of[name]
             dev.reset_memory()
             sec = dev.timed(step, iters, warmup)
         row = {"row": name, "compiled": compiled, "batch": batch, "step_s": sec, "img_s": batch / sec,
-               "tflop_img": flops / batch / 1e12, "mfu": flops / sec / 1e12 / peak,
+               "tflop_img": model / 1e12, "frozen_tflop_img": frozen / 1e12, "mfu": model * batch / sec / 1e12 / peak,
                "peak_gb": dev.peak_memory_gb()}
         rows.append(row)
         log(f"{name}{' (compiled)' if compiled else ''}: {row['img_s']:.1f} img/s, MFU {row['mfu']:.1%}, "
@@ -310,29 +265,40 @@ def training_rows(arch: Arch, nets, dev: Device, batch_size: int, resolution: in
     multi = random_batch(arch, nets, batch_size, resolution, [2 + i % 2 for i in range(batch_size)], dev.device, 1)
 
     with isolated("baseline LoRA loop", rows, log, dev, on_row):
-        step, unet = baseline_step(nets, single, arch.lora_rank, dev.device)
-        measure("baseline LoRA loop", step)
-        del step, unet
+        base = baseline_step(nets, single, arch.lora_rank, dev.device, dev.amp or torch.float32)
+        frozen = count_flops(base.encoders)
+        per_image = ((count_flops(base.step) - frozen) / batch_size, frozen / batch_size)
+        measure("baseline LoRA loop", base.step, per_image=per_image)
+        del base
     for compiled in ([False, True] if compile_unet else [False]):
         for stage, batch in ((1, single), (2, multi)):
             module = opt = None
             with isolated(f"stage {stage}", rows, log, dev, on_row):
-                module = make_module(arch, nets, stage, compiled, dev.device)
+                module = make_module(arch, nets, stage, compiled, dev.device, fast=dev.cuda)
                 module.train()
                 opt = optimizer_of(module)
-                measure(f"stage {stage}", module_step(module, batch, opt), compiled)
+                measure(f"stage {stage}", module_step(module, batch, opt), compiled, module=module, inputs=batch)
             if stage == 1 and opt is not None:
-                with isolated("stage 1, UNet part", rows, log, dev, on_row):
-                    measure("stage 1, UNet part", unet_part_step(module, batch, opt), compiled)
+                with isolated("stage 1, UNet part", rows, log, dev, on_row):  # nothing frozen left in the step
+                    measure("stage 1, UNet part", unet_part_step(module, batch, opt), compiled, module=module)
             del module, opt
             dev.reset_memory()
     if big_batch:  # the largest batch: stage 1 with gradient checkpointing
         with isolated("stage 1, gradient checkpointing", rows, log, dev, on_row):
             big = random_batch(arch, nets, big_batch, resolution, [1] * big_batch, dev.device, seed=2)
-            module = make_module(arch, nets, 1, False, dev.device, gradient_checkpointing=True)
+            module = make_module(arch, nets, 1, False, dev.device, gradient_checkpointing=True, fast=dev.cuda)
             module.train()
+            # Model FLOPs per image are stage 1's (the same network; the recomputed forward is not model work):
+            # taken from the stage-1 row, else counted here with checkpointing off on a stage-1-sized slice.
+            per_image = flops_of.get("stage 1")
+            if per_image is None:
+                part = {k: v[:batch_size] for k, v in big.items()}
+                with dev.autocast(), no_recompute(module.unet):
+                    frozen = frozen_flops(module, part)
+                    total = count_flops(module_step(module, part, optimizer_of(module)))
+                per_image = ((total - frozen) / batch_size, frozen / batch_size)
             measure("stage 1, gradient checkpointing", module_step(module, big, optimizer_of(module)),
-                    batch=big_batch)
+                    batch=big_batch, per_image=per_image)
             del module
     return rows
 
@@ -346,6 +312,7 @@ def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: C
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from src.inference.pipeline import Identity, UniPortraitPipeline
+    from src.models.adapters import MULTI
 
     dtype = torch.float16 if dev.cuda else torch.float32
     prompt = "a photo of two people in a park"
@@ -376,6 +343,9 @@ def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: C
         pipe = UniPortraitPipeline.from_components(ours_nets, module.identity.embedding).to(dev.device, dtype)
         pipe.pipe.set_progress_bar_config(disable=True)
         pipe.fuse_lora(True)
+        pipe.activate_lora(MULTI)  # merged into the weights now, as for the calls with identities
+        if not lora_merged(pipe.pipe.unet):
+            raise RuntimeError("the multi-ID LoRA is not merged into the UNet's weights")
         measure("UniPortrait, 0 identities", lambda: pipe.pipe(prompt, **kw))  # processors in, no identity
     s = nets.clip.image_size
     g = torch.Generator().manual_seed(0)
@@ -390,20 +360,34 @@ def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: C
     return rows
 
 
+def lora_merged(unet: torch.nn.Module) -> bool:
+    """Whether every peft LoRA layer of `unet` has an adapter merged into its base weights."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    return bool(layers) and all(m.merged for m in layers)
+
+
 # ---------------------------------------------------------------------------------------------- report
 def tables(train: list[dict], infer: list[dict]) -> str:
     """Markdown tables of the rows measured so far; a failed row shows its error, ratios need their reference."""
     base = next((r["img_s"] for r in train if r["row"] == "baseline LoRA loop" and "error" not in r), None)
     plain = next((r["image_s"] for r in infer if r["row"] == "plain SD1.5 pipeline" and "error" not in r), None)
-    lines = ["| training step | compiled | batch | img/s | x baseline | TFLOP/img | MFU | peak mem (GB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| training step | compiled | batch | img/s | x baseline | model TFLOP/img | MFU | frozen TFLOP/img "
+             "| peak mem (GB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in train:
         if "error" in r:
-            lines.append(f"| {r['row']} | | | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['row']} | | | failed: {r['error']} | | | | | |")
             continue
         ratio = f"{r['img_s'] / base:.2f}" if base else "-"
         lines.append(f"| {r['row']} | {'yes' if r['compiled'] else 'no'} | {r['batch']} | {r['img_s']:.1f} | "
-                     f"{ratio} | {r['tflop_img']:.3g} | {r['mfu']:.1%} | {r['peak_gb']:.1f} |")
+                     f"{ratio} | {r['tflop_img']:.3g} | {r['mfu']:.1%} | {r['frozen_tflop_img']:.3g} | "
+                     f"{r['peak_gb']:.1f} |")
+    lines += ["", "Model TFLOP/img: the trainable network's forward + backward (UNet with adapters, ID embedding), "
+              "gradient checkpointing's recomputation excluded; MFU is computed from it alone. Frozen TFLOP/img: "
+              "the frozen encoders' forward in the step (VAE encoder, text encoder, IR-101, CLIP tower), which "
+              "precomputed latents and cached features remove."]
     lines += ["", "| inference | ms / image | x plain pipeline | peak mem (GB) |", "|---|---|---|---|"]
     for r in infer:
         if "error" in r:
@@ -424,5 +408,7 @@ def describe(dev: Device, arch: Arch, a: argparse.Namespace, peak: float) -> str
             f"{diffusers.__version__}, lightning {lightning.__version__}, peft {peft.__version__}. Architecture "
             f"`{arch.name}`, random weights, {a.resolution} px training at batch {a.batch_size}, LoRA rank "
             f"{arch.lora_rank}, {'bf16 autocast' if dev.amp else 'fp32'}; measured matmul peak "
-            f"{peak:.1f} TFLOP/s (MFU is against it); inference {a.steps} DDIM steps, CFG 7.5, "
+            f"{peak:.1f} TFLOP/s (MFU is against it); "
+            f"{FAST_NOTE if dev.cuda else ''}"
+            f"inference {a.steps} DDIM steps, CFG 7.5, "
             f"{'fp16' if dev.cuda else 'fp32'}.")

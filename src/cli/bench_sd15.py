@@ -9,19 +9,8 @@ from pathlib import Path
 import torch
 
 from src.benchmarks import sd15
-from src.benchmarks.sd15 import (
-    BEGIN,
-    END,
-    SD15,
-    Device,
-    build_nets,
-    describe,
-    inference_rows,
-    matmul_peak_tflops,
-    tables,
-    tiny_arch,
-    training_rows,
-)
+from src.benchmarks.measure import Device, matmul_peak_tflops
+from src.benchmarks.sd15 import BEGIN, END, SD15, build_nets, describe, inference_rows, tables, tiny_arch, training_rows
 from src.benchmarks.steps import write_section
 from src.cli import exit_status
 

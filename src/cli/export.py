@@ -5,7 +5,8 @@ authors' weights run:
 
 writes `uniportrait-faceid_sd15.bin` (ID embedding, face-ID projections, single-ID LoRA) and, for a
 stage-2 checkpoint, `uniportrait-router_sd15.bin` (routers, multi-ID LoRA), as plain tensor dicts
-(`--safetensors` writes the flattened `.safetensors` form instead). The base model is needed for the
+(`--safetensors` writes the flattened `.safetensors` form instead; `--dtype float16` writes half-size
+files, the released files' dtype). The base model is needed for the
 UNet's processor order, which fixes the released keys. Loading the files back
 (`UniPortraitPipeline.from_released`) gives bit-identical weights.
 """
@@ -15,8 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from src.cli import exit_status, run_or_exit
 from src.inference.loading import export_checkpoint
+
+DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}  # None: as trained
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,13 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default=None, help="override components.base_model (diffusers directory)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--safetensors", action="store_true", help="write .safetensors instead of torch .bin files")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of the written weights (default float32, as trained; the released files are float16)")
     return p
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     written = run_or_exit(
-        lambda a: export_checkpoint(a.checkpoint, a.components, a.out, a.base_model, a.safetensors), args)
+        lambda a: export_checkpoint(a.checkpoint, a.components, a.out, a.base_model, a.safetensors,
+                                    dtype=DTYPES[a.dtype]), args)
     for path in written:
         print(path)
     return written

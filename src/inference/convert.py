@@ -286,23 +286,36 @@ def _export_part(unet: nn.Module, part: str) -> dict[str, torch.Tensor]:
 
 
 def export_released(
-    unet: nn.Module, id_embedding: IDEmbedding, faceid_path: str | Path, router_path: str | Path | None = None
+    unet: nn.Module, id_embedding: IDEmbedding, faceid_path: str | Path, router_path: str | Path | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Write this project's adapters in the released layout (plain tensor dicts, ``torch.save``).
 
     faceid_path gets {"faceid_proj", "faceid_adapter"} (single-ID LoRA); router_path (when given;
     the UNet must have routers and the multi-ID LoRA) gets {"faceid_adapter"}. A ``.safetensors``
-    suffix writes the flattened form instead. Loading the files back with `load_released` is bit-exact.
+    suffix writes the flattened form instead. `dtype` casts every floating tensor (the released files
+    are float16: half the size of float32); None keeps the training dtype. Loading the files back with
+    `load_released` is bit-exact (exact up to that cast when one is asked for).
     """
     _check_lora_scaling(unet, SINGLE)
     faceid = {
         "faceid_proj": {k: v.detach().cpu().clone().contiguous() for k, v in id_embedding.state_dict().items()},
         "faceid_adapter": _export_part(unet, "faceid"),
     }
-    _write(faceid, Path(faceid_path))
+    _write(_cast(faceid, dtype), Path(faceid_path))
     if router_path is not None:
         _check_lora_scaling(unet, MULTI)
-        _write({"faceid_adapter": _export_part(unet, "router")}, Path(router_path))
+        _write(_cast({"faceid_adapter": _export_part(unet, "router")}, dtype), Path(router_path))
+
+
+Sections = dict[str, dict[str, torch.Tensor]]
+
+
+def _cast(sections: Sections, dtype: torch.dtype | None) -> Sections:
+    """Floating tensors to `dtype` (integer buffers untouched); None: unchanged."""
+    if dtype is None:
+        return sections
+    return {s: {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()} for s, sd in sections.items()}
 
 
 def _write(sections: dict[str, dict[str, torch.Tensor]], path: Path) -> None:

@@ -112,17 +112,18 @@ def load_pipeline(
 
 
 def export_checkpoint(checkpoint: Path, components_yaml: Path | None, out: Path, base_model: str | None = None,
-                      safetensors: bool = False) -> list[Path]:
+                      safetensors: bool = False, dtype: torch.dtype | None = None) -> list[Path]:
     """Write the released-layout files of `checkpoint` under `out`; returns their paths.
 
     `uniportrait-faceid_sd15` holds the ID embedding, face-ID projections and single-ID LoRA; a stage-2
     checkpoint adds `uniportrait-router_sd15` (routers, multi-ID LoRA). Plain tensor dicts (`.bin`), or the
-    flattened `.safetensors` form. The base model fixes the UNet's processor order, hence the released keys.
+    flattened `.safetensors` form; `dtype` (e.g. torch.float16, as the released files) casts the weights.
+    The base model fixes the UNet's processor order, hence the released keys.
     """
     pipe = UniPortraitPipeline.from_checkpoint(load_components(components_yaml, base_model), checkpoint)
     suffix = ".safetensors" if safetensors else ".bin"
     faceid = out / f"{FACEID_NAME}{suffix}"
     unet = pipe.pipe.unet
     router = out / f"{ROUTER_NAME}{suffix}" if adapters.router_parameters(unet) else None  # a stage-2 checkpoint
-    convert.export_released(unet, pipe.identity.embedding, faceid, router)
+    convert.export_released(unet, pipe.identity.embedding, faceid, router, dtype=dtype)
     return [faceid] + ([router] if router is not None else [])

@@ -248,7 +248,7 @@ class UniPortraitPipeline:
             self.pipe.unet.unfuse_lora()
             self._fused = None
 
-    def _activate_lora(self, name: str | None) -> None:
+    def activate_lora(self, name: str | None) -> None:
         """Exactly one LoRA set active (or none); merged into the weights when fusing is on."""
         if self._fuse and self._fused == name and name is not None:
             return
@@ -376,11 +376,11 @@ class UniPortraitPipeline:
         mask_t = None if masks is None else self._masks(masks, n, batch, (height, width))  # (2B|B, N, H, W)
         lora = self._choose_lora(n, mask_t is not None)
         if lora_scale == 0:
-            self._activate_lora(None)
+            self.activate_lora(None)
         else:
             if self._fuse and lora_scale != 1.0:
                 raise ValueError(f"lora_scale={lora_scale} with fused LoRA; call fuse_lora(False) first")
-            self._activate_lora(lora)
+            self.activate_lora(lora)
         record = RoutingRecord() if (return_routing_maps and n > 1 and mask_t is None) else None
         ctx = FaceIDContext(tokens=tokens, latent_hw=latent_hw, scale=faceid_scale, masks=mask_t, record=record)
         kwargs: dict[str, Any] = {"faceid": ctx}

@@ -1,6 +1,8 @@
 """Evaluation metrics as torchmetrics `Metric`s (training callbacks and `make eval`).
 
 face.py     greedy_match, image_face_score, FaceSimilarity (Face Sim + multi-ID diagnostics)
+multi_id.py hungarian_match, multi_id_score, MultiIdentityMetrics (MultiID-Bench Sim(Ref) and leakage,
+            MultiHuman-Testbench count accuracy / ID similarity, UMO ID-Conf, greedy Face Sim)
 clip.py     load_open_clip, ClipScore (CLIP-T / CLIP-I, cosine x 100)
 routing.py  RoutingAccuracy (overall and per timestep band)
 identity.py nearest_neighbour_identification (how much identity embeddings/tokens carry),
@@ -11,6 +13,7 @@ from src.metrics.clip import ClipScore, load_open_clip
 from src.metrics.face import FaceScore, FaceSimilarity, greedy_match, image_face_score
 from src.metrics.fid import TorchvisionInceptionFeatures, fid_metric
 from src.metrics.identity import nearest_neighbour_identification, other_identity_partners
+from src.metrics.multi_id import MultiIdentityMetrics, MultiIdScore, hungarian_match, multi_id_score
 from src.metrics.routing import BAND_NAMES, RoutingAccuracy
 
 __all__ = [
@@ -18,12 +21,16 @@ __all__ = [
     "ClipScore",
     "FaceScore",
     "FaceSimilarity",
+    "MultiIdScore",
+    "MultiIdentityMetrics",
     "RoutingAccuracy",
     "TorchvisionInceptionFeatures",
     "fid_metric",
     "greedy_match",
+    "hungarian_match",
     "image_face_score",
     "load_open_clip",
+    "multi_id_score",
     "nearest_neighbour_identification",
     "other_identity_partners",
 ]

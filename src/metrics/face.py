@@ -129,10 +129,16 @@ class FaceSimilarity(Metric):
             raise ValueError(f"{len(arrays)} images but {len(references)} reference entries")
         for image, ref in zip(arrays, references):
             faces, _boxes = self.recognizer.embed_faces(image)  # (K, D), (K, 4)
-            self.add_score(image_face_score(faces, as_reference_matrix(ref)))
+            self._accumulate(image_face_score(faces, as_reference_matrix(ref)))
 
     def add_score(self, s: FaceScore) -> None:
-        """Accumulate one image's score."""
+        """Accumulate one image's precomputed score; counts as an update for torchmetrics' bookkeeping (which
+        otherwise clears its cached compute() and counts updates only inside update())."""
+        self._computed = None
+        self._update_count += 1
+        self._accumulate(s)
+
+    def _accumulate(self, s: FaceScore) -> None:
         self.score_sum += s.score
         self.num_images += 1
         self.num_no_face += float(s.num_faces == 0)

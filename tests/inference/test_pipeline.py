@@ -184,6 +184,39 @@ def test_export_cli_writes_the_released_layout_that_generates_identically(world:
             assert np.array_equal(_arr(_run(back, ids).images), _arr(_run(ours, ids).images))
     assert np.array_equal(_arr(_run(back, [ID_A]).images), _arr(_run(pipe, [ID_A]).images))
 
+
+def test_export_float16_halves_the_files_and_loads_back_the_rounded_weights(world: dict, pipe: UniPortraitPipeline,
+                                                                           tmp_path: Path) -> None:
+    """`--dtype float16` (the released files' dtype): every floating tensor is fp16, the files are about half the
+    float32 size, and loading them back gives exactly the fp16-rounded weights."""
+    from src.cli import export
+    from tests.helpers import write_components_yaml
+
+    write_components_yaml(world["paths"], tmp_path / "c.yaml")
+    state = {f"identity.embedding.{k}": v for k, v in pipe.identity.embedding.state_dict().items()}
+    state.update({f"unet.{k}": v for k, v in adapters.adapter_state_dict(pipe.pipe.unet).items()})
+    ckpt = tmp_path / "stage2.ckpt"
+    torch.save({"state_dict": state, "uniportrait": {"stage": 2, "format": 1},
+                "hyper_parameters": {"lora_rank": RANK, "qformer": {"dim_head": 16, "heads": 4}}}, ckpt)
+    common = ["--checkpoint", str(ckpt), "--components", str(tmp_path / "c.yaml")]
+    full = export.main([*common, "--out", str(tmp_path / "fp32")])
+    half = export.main([*common, "--out", str(tmp_path / "fp16"), "--dtype", "float16"])
+    for f32, f16 in zip(full, half):
+        assert 0.4 < f16.stat().st_size / f32.stat().st_size < 0.6, f16.name
+        sections = torch.load(f16, weights_only=True)
+        assert all(v.dtype == torch.float16 for sd in sections.values() for v in sd.values() if v.is_floating_point())
+    back = UniPortraitPipeline.from_released(world["paths"], half[0], half[1], dim_head=16)
+    ours = UniPortraitPipeline.from_checkpoint(world["paths"], ckpt)
+    got = adapters.adapter_state_dict(back.pipe.unet)
+    want = adapters.adapter_state_dict(ours.pipe.unet)
+    assert got.keys() == want.keys()
+    assert any(not torch.equal(want[k], want[k].half().float()) for k in want)  # the cast does round something
+    for k in want:
+        assert torch.equal(got[k], want[k].half().to(got[k].dtype)), k
+    for k, v in ours.identity.embedding.state_dict().items():
+        if v.is_floating_point():
+            assert torch.equal(back.identity.embedding.state_dict()[k], v.half().to(v.dtype)), k
+
 def test_fused_lora_matches_unfused(pipe: UniPortraitPipeline) -> None:
     plain_single, plain_multi = _run(pipe, [ID_A]), _run(pipe, [ID_A, ID_B])
     pipe.fuse_lora(True)

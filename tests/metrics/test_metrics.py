@@ -53,6 +53,18 @@ def face_sim(outputs: list[torch.Tensor], refs: list) -> dict[str, float]:
     return {k: float(v) for k, v in metric.compute().items()}
 
 
+def test_face_similarity_counts_a_score_added_after_compute():
+    """`add_score` (the benchmark's path) after a `compute()`: the next compute sees it (torchmetrics caches
+    compute() and clears the cache only in update())."""
+    from src.metrics import image_face_score
+
+    metric = FaceSimilarity(StubRecognizer([]))
+    metric.add_score(image_face_score(E[0:1], E[0:1]))  # a perfect match: 1
+    assert float(metric.compute()["face_sim"]) == pytest.approx(1.0)
+    metric.add_score(image_face_score(E[1:2], E[0:1]))  # an orthogonal face: 0
+    assert float(metric.compute()["face_sim"]) == pytest.approx(0.5)
+
+
 def test_greedy_match_is_greedy_not_optimal():
     sim = torch.tensor([[0.9, 0.8], [0.85, 0.1]])
     # Greedy takes 0.9 first, leaving (1, 1); the optimal assignment would be (0, 1) + (1, 0).
