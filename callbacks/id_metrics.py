@@ -1,5 +1,6 @@
-"""Identity metrics during training: Face Sim, CLIP-I (and routing accuracy in stage 2) on a small fixed
-validation batch, logged to TensorBoard every `every_n_steps` optimizer steps.
+"""Identity metrics during training: Face Sim, CLIP-I (and routing accuracy in stage 2, the multi-person
+metrics of `src.metrics.multi_id` on a multi-ID batch) on a small fixed validation batch, logged to
+TensorBoard every `every_n_steps` optimizer steps.
 
 Images come from the module's public `sample_images(batch, ...)`; routing from its public
 `routing_maps(batch, t)`. References are the batch's own aligned face crops (the identities the
@@ -25,8 +26,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from src.conventions import to_clip_pixels, uint8_to_unit
-from src.metrics import ClipScore, FaceSimilarity, RoutingAccuracy
-from src.metrics.face import images_to_uint8
+from src.metrics import ClipScore, FaceSimilarity, MultiIdentityMetrics, RoutingAccuracy, multi_id_score
+from src.metrics.face import as_reference_matrix, image_face_score, images_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ class OwnTowerClip(nn.Module):
         return to_clip_pixels(x[None], self.tower.image_size)[0]
 
 
+def is_multi_id(batch: dict[str, Any]) -> bool:
+    """Whether `batch` is multi-ID (stage-2) data: more than one face slot per sample (`face_valid` (B, N),
+    N = the most faces of any sample in the collated batch; stage-1 batches keep one face, N = 1)."""
+    return batch["face_valid"].shape[1] > 1
+
+
 def slice_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
     """The first n samples of a collated batch (tensors and lists)."""
     return {k: (v[:n] if isinstance(v, (Tensor, list, tuple)) else v) for k, v in batch.items()}
@@ -71,7 +78,9 @@ class IdentityMetrics(L.Callback):
     clip_model, clip_checkpoint: an open_clip model for CLIP-I; None = the module's own CLIP tower.
     Logged (to every logger, e.g. TensorBoard, at the current step): val_id/face_sim, val_id/no_face_rate,
     val_id/clip_i[_own_tower], and in stage 2 val_id/routing_acc (+ val_id/face_count_ok,
-    val_id/duplicate_rate on multi-face samples).
+    val_id/duplicate_rate on multi-face samples). On a multi-ID batch (`is_multi_id`) also every key of
+    `src.metrics.MultiIdentityMetrics` as val_id/multi/<key> (sim_matched, sim_mht, leakage, id_conf,
+    count_acc, duplicate_rate, face_sim, no_face_rate, num_images), a nan mean left out.
     """
 
     def __init__(
@@ -162,25 +171,37 @@ class IdentityMetrics(L.Callback):
 
     @torch.no_grad()
     def measure(self, pl_module: L.LightningModule, batch: dict[str, Any]) -> dict[str, float]:
-        """Sample images for `batch` and score them; returns the logged numbers (0..1 scale)."""
+        """Sample images for `batch` and score them; returns the logged numbers (0..1 scale, cosines in -1..1).
+
+        Each image is detected once (`embed_faces`) and scored against its own sample's references by
+        `FaceSimilarity` and, on a multi-ID batch (`is_multi_id`), by `MultiIdentityMetrics` too."""
         images = pl_module.sample_images(batch, num_inference_steps=self.num_inference_steps,
                                          guidance_scale=self.guidance_scale, faceid_scale=self.faceid_scale,
                                          seed=self.seed)["images"].cpu()  # (B, 3, H, W)
         rec = self.recognizer(pl_module, int(images.shape[-1]))
         valid = batch["face_valid"].cpu()  # (B, N)
         face = FaceSimilarity(rec)
+        multi = MultiIdentityMetrics() if is_multi_id(batch) else None
         model, preprocess, clip_key = self.clip(pl_module)
         clip = ClipScore(model, preprocess)
-        for b in range(images.shape[0]):
+        for b, array in enumerate(images_to_uint8(images)):
             slots = valid[b].nonzero().flatten().tolist()
             refs = [self.reference_embedding(rec, batch["face_recog"][b, n]) for n in slots]
             refs = [r for r in refs if r is not None]
             if refs:
-                face.update(images[b : b + 1], [torch.stack(refs)])
+                faces, _boxes = rec.embed_faces(array)  # (K, D) largest first, (K, 4)
+                ref_matrix = as_reference_matrix(refs)  # (R, D), L2-normalised
+                face.add_score(image_face_score(faces, ref_matrix))
+                if multi is not None:
+                    multi.add_score(multi_id_score(faces, ref_matrix))
             clip.update(images[b : b + 1].expand(len(slots), -1, -1, -1),
                         references=batch["face_clip"][b, slots].cpu())
         out = {f"val_id/{k}": float(v) for k, v in face.compute().items()}
         out[clip_key] = float(clip.compute()["clip_i"]) / 100
+        if multi is not None and int(multi.num_images) > 0:
+            # a mean no image contributed to (sim_matched with no face found, leakage with no unmatched
+            # pair) is nan: left out, so the curves show gaps instead of nan points
+            out.update({f"val_id/multi/{k}": float(v) for k, v in multi.compute().items() if not torch.isnan(v)})
         if pl_module.stage == 2:
             out["val_id/routing_acc"] = self.routing_accuracy(pl_module, batch)
         return out

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 from callbacks.training_report import heldout_batches, report_path, write_report
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 PALETTE = torch.tensor(
     [[0.90, 0.10, 0.10], [0.10, 0.45, 0.95], [0.10, 0.80, 0.20], [0.95, 0.75, 0.10], [0.70, 0.20, 0.85]]
 )
+GRID_PADDING = 2  # pixels between the tiles of a routing_panel grid (white)
+MIN_TITLE_PX, MAX_TITLE_PX = 10, 32  # font size range of the column titles
 BANDS = {"t<250": (0, 250), "250-500": (250, 500), "500-750": (500, 750), "t>=750": (750, 1000)}
 
 
@@ -31,16 +35,83 @@ def colourise(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def routing_panel(image: torch.Tensor, hard: list[torch.Tensor], masks: torch.Tensor,
-                  valid: torch.Tensor) -> torch.Tensor:
+                  valid: torch.Tensor, titles: list[str] | None = None) -> torch.Tensor:
     """One row per image: the image, its face masks, then the routing map of each chosen layer
-    (each blended 50/50 over the image). image (B,3,H,W) in [-1,1]; returns a (3, H', W') grid."""
+    (each blended 50/50 over the image). image (B,3,H,W) in [-1,1]; returns a (3, H', W') grid.
+
+    titles: one per column (2 + len(hard)); given, they are drawn in a light band above the grid
+    (`with_column_titles`), so the picture reads on its own wherever it is shown (TensorBoard has no
+    other place for column labels)."""
     size = tuple(image.shape[-2:])
     base = (image.float().cpu() + 1) / 2
     m = masks.float().cpu() * valid.float().cpu()[..., None, None]
     tiles = [base, 0.5 * base + 0.5 * colourise(m, size)]
     tiles += [0.5 * base + 0.5 * colourise(h.float().cpu() * valid.float().cpu()[..., None, None], size) for h in hard]
     rows = torch.stack(tiles, dim=1).flatten(0, 1)  # (B * (2 + L), 3, H, W)
-    return make_grid(rows, nrow=len(tiles), padding=2, pad_value=1.0)
+    grid = make_grid(rows, nrow=len(tiles), padding=GRID_PADDING, pad_value=1.0)
+    if titles is None:
+        return grid
+    if len(titles) != len(tiles):
+        raise ValueError(f"routing_panel: {len(titles)} titles {titles} for {len(tiles)} columns "
+                         f"(image, masks and {len(hard)} routed layers)")
+    return with_column_titles(grid, titles)
+
+
+def title_font(column_width: int, titles: list[str]) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's bundled default font (no font files needed) at a size that grows with the column width
+    (a sixth of it, 10..32 px) and shrinks until the widest title fits its column."""
+    size = max(MIN_TITLE_PX, min(MAX_TITLE_PX, column_width // 6))
+    while True:
+        font = ImageFont.load_default(size=size)
+        if size <= MIN_TITLE_PX or max(font.getlength(t) for t in titles) <= column_width - 4:
+            return font
+        size -= 1
+
+
+def fit_title(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, title: str, width: int) -> str:
+    """`title`, cut (ending in '..') to at most `width` pixels in `font`."""
+    if font.getlength(title) <= width:
+        return title
+    while title and font.getlength(title + "..") > width:
+        title = title[:-1]
+    return title + ".."
+
+
+def draw_column_titles(canvas: Image.Image, titles: list[str], left: int, stride: int, column_width: int,
+                       band: int) -> None:
+    """Draw `titles` in black, each centred above its column (column i spans left + i * stride ..
+    + column_width) in the band of `band` pixels at the top of `canvas` (which is white there)."""
+    font = title_font(column_width, titles)
+    draw = ImageDraw.Draw(canvas)
+    for i, title in enumerate(titles):
+        text = fit_title(font, title, column_width - 4)
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+        x = left + i * stride + (column_width - (x0 + x1)) / 2  # centred (no `anchor`: bitmap fonts lack it)
+        draw.text((x, (band - (y0 + y1)) / 2), text, fill=(0, 0, 0), font=font)
+
+
+def title_band_height(column_width: int, titles: list[str]) -> int:
+    """Pixels of the title band above columns of `column_width`: the font's height and a margin."""
+    font = title_font(column_width, titles)
+    top, bottom = font.getbbox("Ahgy.")[1::2]
+    return int(bottom - top) + 8
+
+
+def with_column_titles(grid: torch.Tensor, titles: list[str], padding: int = GRID_PADDING) -> torch.Tensor:
+    """(3, H, W) make_grid picture in [0, 1] of len(titles) equal columns (separated by `padding`) ->
+    (3, band + H, W): a white band on top with each column's title centred above it in black."""
+    width = grid.shape[-1]
+    stride = (width - padding) // len(titles)  # tile width + padding
+    band = title_band_height(stride - padding, titles)
+    canvas = Image.new("RGB", (width, band + grid.shape[-2]), "white")
+    canvas.paste(Image.fromarray(to_uint8_hwc(grid)), (0, band))
+    draw_column_titles(canvas, titles, padding, stride, stride - padding, band)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255  # (3, band + H, W)
+
+
+def to_uint8_hwc(grid: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
+    return (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
 def pooled_routing(hard: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -51,23 +122,24 @@ def pooled_routing(hard: list[torch.Tensor], size: tuple[int, int]) -> torch.Ten
 
 def save_routing_picture(path: Path, rows: dict[str, torch.Tensor], columns: list[str], scale: int = 3) -> Path:
     """Write a PNG of labelled panels: one `routing_panel` grid (3, H', W') per named row group, stacked,
-    upscaled `scale` times (nearest), with the column titles above and each group's name at its left."""
-    from PIL import Image, ImageDraw
-
-    panels = [(name, (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()) for name, grid in rows.items()]
+    upscaled `scale` times (nearest), with the column titles above (`draw_column_titles`, as in the
+    TensorBoard panel) and each group's name at its left."""
+    panels = [(name, to_uint8_hwc(grid)) for name, grid in rows.items()]
     width = max(a.shape[1] for _, a in panels) * scale
-    label_w, header_h, gap = 90, 16, 6
+    stride = (width - GRID_PADDING * scale) // len(columns)  # tile width + padding, upscaled
+    column_width = stride - GRID_PADDING * scale
+    label_w, gap = 90, 6
+    header_h = title_band_height(column_width, columns)
     height = header_h + sum(a.shape[0] * scale + gap for _, a in panels)
     canvas = Image.new("RGB", (label_w + width, height), "white")
+    draw_column_titles(canvas, columns, label_w + GRID_PADDING * scale, stride, column_width, header_h)
     draw = ImageDraw.Draw(canvas)
-    col_w = width / len(columns)
-    for i, title in enumerate(columns):
-        draw.text((label_w + i * col_w + 4, 2), title, fill="black")
+    label_font = ImageFont.load_default(size=max(MIN_TITLE_PX, min(MAX_TITLE_PX, label_w // 5)))
     y = header_h
     for name, a in panels:
         img = Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST)
         canvas.paste(img, (label_w, y))
-        draw.text((4, y + 4), name, fill="black")
+        draw.text((4, y + 4), fit_title(label_font, name, label_w - 8), fill="black", font=label_font)
         y += img.height + gap
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
@@ -89,6 +161,8 @@ class RoutingMapLogger(L.Callback):
     identity whose mask covers them) overall and per timestep band.
 
     layers: indices into the module's routed layers (None = all); num_images: rows in the panel.
+    The panel (`routing/maps`) carries its column titles: "input", "true masks", then each shown layer's
+    `short_layer_name`.
     """
 
     def __init__(self, every_n_steps: int = 500, layers: list[int] | None = None, num_images: int = 4,
@@ -134,9 +208,11 @@ class RoutingMapLogger(L.Callback):
             pl_module.log(f"routing/acc_{band}", value, rank_zero_only=True)
         exp = getattr(trainer.logger, "experiment", None)
         if out and out["hard"] and hasattr(exp, "add_image"):
-            chosen = out["hard"] if self.layers is None else [out["hard"][i] for i in self.layers]
+            idx = range(len(out["hard"])) if self.layers is None else self.layers
+            titles = ["input", "true masks"] + [short_layer_name(out["names"][i]) for i in idx]
             n = self.num_images
-            panel = routing_panel(fixed["image"][:n], [h[:n] for h in chosen], out["masks"][:n], out["valid"][:n])
+            panel = routing_panel(fixed["image"][:n], [out["hard"][i][:n] for i in idx], out["masks"][:n],
+                                  out["valid"][:n], titles=titles)
             exp.add_image("routing/maps", panel, global_step=trainer.global_step)
 
 

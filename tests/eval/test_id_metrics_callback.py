@@ -1,8 +1,10 @@
 """IdentityMetrics in a short fit (stage 1 and stage 2), that it scores each image against its own sample's
-references, and the module's sample_images contract."""
+references (single- and multi-ID), and the module's sample_images contract."""
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -11,6 +13,24 @@ from src.cli.train import main as train_main
 from tests.helpers import SMALL_MODEL, tiny_args
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+MULTI = "val_id/multi/"
+# MultiIdentityMetrics keys defined for any scored image (sim_matched / leakage are nan, so not logged,
+# when no face / no unmatched pair was found), and the keys whose values are rates or scores in [0, 1]
+MULTI_ALWAYS = {"sim_mht", "id_conf", "count_acc", "duplicate_rate", "face_sim", "no_face_rate", "num_images"}
+MULTI_UNIT = {"id_conf", "count_acc", "duplicate_rate", "face_sim", "no_face_rate"}
+
+
+def multi_values(last: dict[str, float]) -> dict[str, float]:
+    """The val_id/multi/<key> figures of a measure() result, by key."""
+    return {k[len(MULTI):]: v for k, v in last.items() if k.startswith(MULTI)}
+
+
+def assert_multi_in_range(values: dict[str, float], num_images: int) -> None:
+    assert MULTI_ALWAYS <= set(values) <= MULTI_ALWAYS | {"sim_matched", "leakage"}
+    assert all(math.isfinite(v) for v in values.values()), values
+    assert values["num_images"] == num_images
+    assert all(0.0 <= values[k] <= 1.0 for k in MULTI_UNIT), values
+    assert all(-1.0 <= values[k] <= 1.0 for k in ("sim_matched", "sim_mht", "leakage") if k in values), values
 
 
 def fit_with_metrics(world: Path, out: Path, stage: int, steps: int, extra: list[str] = ()):
@@ -45,15 +65,20 @@ def test_callback_logs_face_sim_and_clip_i_in_stage1_and_routing_in_stage2(tiny_
     assert {"val_id/face_sim", "val_id/no_face_rate", "val_id/clip_i_own_tower"} <= set(cb.last)
     assert 0.0 <= cb.last["val_id/face_sim"] <= 1.0
     assert "val_id/routing_acc" not in cb.last  # stage 1: no routers
-    assert {"val_id/face_sim", "val_id/clip_i_own_tower"} <= logged_tags(tmp_path / "s1")
+    tags1 = logged_tags(tmp_path / "s1")
+    assert {"val_id/face_sim", "val_id/clip_i_own_tower"} <= tags1
+    assert not multi_values(cb.last) and not any(t.startswith(MULTI) for t in tags1)  # single-ID batch
 
     last = tmp_path / "s1" / "ckpt" / "last.ckpt"
     cli2 = fit_with_metrics(tiny_world, tmp_path / "s2", 2, 2, [f"--model.init_from={last}"])
     cb2 = next(c for c in cli2.trainer.callbacks if type(c).__name__ == "IdentityMetrics")
     acc = cb2.last["val_id/routing_acc"]
     assert acc != acc or 0.0 <= acc <= 1.0  # NaN only when no face position was counted
-    assert "val_id/routing_acc" in logged_tags(tmp_path / "s2")
+    tags2 = logged_tags(tmp_path / "s2")
+    assert "val_id/routing_acc" in tags2
     assert "val_id/face_count_ok" in cb2.last  # multi-face validation samples
+    assert_multi_in_range(multi_values(cb2.last), num_images=2)  # both samples of the fixed subset
+    assert {MULTI + k for k in multi_values(cb2.last)} <= tags2
 
 
 def test_sample_images_contract(tiny_world):
@@ -113,3 +138,46 @@ def test_face_sim_scores_each_image_against_its_own_references(tiny_world, monke
     assert own["val_id/no_face_rate"] < 1.0  # faces were found, so Face Sim compared embeddings
     assert own["val_id/face_sim"] > wrong["val_id/face_sim"]
     assert own["val_id/clip_i_own_tower"] > wrong["val_id/clip_i_own_tower"]
+    assert not multi_values(own)  # a single-ID batch: no multi-person metrics
+
+
+def test_multi_id_metrics_score_each_image_against_its_own_references(tiny_world, monkeypatch):
+    """On a multi-ID batch measure() adds MultiIdentityMetrics from the same detections as Face Sim: with
+    each sample's own multi-person image as its "generation", the Hungarian-matched similarity beats the
+    same images handed to other samples (sharing no person with them); every sample having >= 2
+    references, the multi-ID greedy Face Sim is FaceSimilarity's Face Sim."""
+    from callbacks.id_metrics import IdentityMetrics
+    from datamodules.datamodule import FaceShardDataModule
+    from src.models.id_embedding import QFormerSpec
+    from src.module import UniPortraitModule
+    from src.tiny import tiny_components
+
+    torch.manual_seed(0)
+    module = UniPortraitModule(tiny_components(tiny_world), lora_rank=4,
+                               qformer=QFormerSpec(depth=1, num_queries=16, width=64, heads=4, dim_head=16))
+    shard = str(tiny_world / "data/heldout/multi_seen-000000.tar")
+    dm = FaceShardDataModule(train_shards=shard, val_shards=shard, resolution=64, batch_size=4, num_workers=0,
+                             shuffle_buffer=0, multi_id=True)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert (batch["face_valid"].sum(1) >= 2).all()
+    people = [{n for n in names if n is not None} for names in batch["identity"]]  # None: an empty slot
+    # images handed to other samples that share no person with them
+    shuffle = next(list(p) for p in itertools.permutations(range(4)) if all(not people[i] & people[j]
+                                                                            for i, j in enumerate(p)))
+    cb = IdentityMetrics(num_images=4, num_inference_steps=2, calibration_renders=2)
+
+    def measure_with(images: torch.Tensor) -> dict[str, float]:
+        monkeypatch.setattr(module, "sample_images", lambda *a, **k: {"images": images})
+        return cb.measure(module, batch)
+
+    own = measure_with(batch["image"])
+    wrong = measure_with(batch["image"][shuffle])
+    mine, theirs = multi_values(own), multi_values(wrong)
+    assert_multi_in_range(mine, num_images=4)
+    assert_multi_in_range(theirs, num_images=4)
+    assert mine["no_face_rate"] < 1.0 and "sim_matched" in mine and "sim_matched" in theirs
+    assert mine["sim_matched"] > theirs["sim_matched"]
+    assert mine["sim_mht"] > theirs["sim_mht"]
+    assert math.isclose(mine["face_sim"], own["val_id/face_sim"], abs_tol=1e-5)
+    assert math.isclose(theirs["face_sim"], wrong["val_id/face_sim"], abs_tol=1e-5)
