@@ -4,10 +4,19 @@
     python -m src.evaluate --components configs/stage1.yaml --released-faceid uniportrait-faceid_sd15.bin \\
         --released-router uniportrait-router_sd15.bin --references ../shared/data/celeba_eval --out eval/released
     python -m src.evaluate --identities 3 --prompts 4 --images 1 --pairs 2 --protocol both   # quick subset
+    python -m src.evaluate --checkpoint runs/tiny/stage1/checkpoints/last.ckpt --out runs/eval/tiny-stage1
 
-Protocols (src/evaluation/prompts.py): single-ID = identities x 40 prompts x N images; multi-ID = all
-pairs of the identities x the project's fixed 21 two-person prompts x N images. Subset options pick
-items spread evenly over each list (so every prompt category stays covered).
+Protocols (src/evaluation/prompts.py): single-ID = identities x 40 prompts x N images; multi-ID = three
+splits (--people, default 2 3 4): 2 people = all pairs of the identities x the project's fixed 21
+two-person prompts (the paper's protocol); 3 / 4 people = N fixed groups (`identity_groups`: cyclic
+shifts of a Golomb ruler over the identity list; 15 identities -> 15 groups each) x 12 fixed prompts.
+Subset options pick items spread evenly over each list (so every prompt category stays covered).
+
+Multi-ID generation is routed when the model has routers (stage 2, released router). A model without
+routers (stage 1) runs the splits unrouted: every identity applied everywhere with equal weight (all-ones
+masks, single-ID LoRA), reported as "unrouted (no router)", the baseline that shows what routing buys
+(--multi-mode unrouted forces it on a routed model too). Each split reports the paper's Face Sim and the
+newer benchmarks' metrics (src/metrics/multi_id.py), CLIP-T, and routing accuracy inside detected faces.
 
 Worlds:
 - real (default when --components / --released-faceid is given): the 15 CelebA identities, reference
@@ -22,8 +31,11 @@ Worlds:
 
 Outputs in --out: images/<tag>/... (tag = hash of the model and generation settings; existing images
 are reused, so an interrupted run resumes), references/, results.json (every number + the exact
-configuration), results.md (tables in the paper's layout, published numbers beside ours), results.png.
-Scores are x100 (%), as in the paper's tables, except FID.
+configuration), results.md (tables in the paper's layout, published numbers beside ours after a break row
+when recogniser or world differ, and the splits table), results.png, and per multi-ID split
+people<n>_metrics.png (its metrics beside the published ones) and people<n>_sheet.png (contact sheet:
+references, generations with matched face boxes, routing maps). Scores are x100 (%), as in the paper's
+tables, except FID.
 """
 from __future__ import annotations
 
@@ -35,8 +47,11 @@ from typing import Any
 import torch
 
 from src.cli import exit_status, run_or_exit
+from src.evaluation import prompts as bp
 from src.evaluation.benchmark import run
+from src.evaluation.figures import measured_protocols
 from src.evaluation.identities import DEFAULT_REFERENCES
+from src.evaluation.reports import source_label
 from src.inference.loading import check_weights
 
 
@@ -78,9 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--protocol", choices=("single", "multi", "both"), default="both", help="which protocol(s)")
     g.add_argument("--identities", type=int, default=None, help="use K of the 15 identities (spread evenly)")
     g.add_argument("--prompts", type=int, default=None, help="use P of the 40 single-ID prompts (spread evenly)")
-    g.add_argument("--multi-prompts", type=int, default=None, help="use P of the 21 multi-ID prompts")
+    g.add_argument("--multi-prompts", type=int, default=None,
+                   help="use P of each multi-ID split's prompts (21 for 2 people, 12 for 3 and 4)")
+    g.add_argument("--people", type=int, nargs="+", choices=bp.SPLIT_SIZES, default=list(bp.SPLIT_SIZES),
+                   help="multi-ID splits to run, by people per image (default: 2 3 4)")
     g.add_argument("--pairs", type=int, default=None,
                    help="use M of the identity pairs (spread evenly); default all (105), 21 in the synthetic world")
+    g.add_argument("--groups", type=int, default=None,
+                   help="use M of the 3- and 4-person groups each (spread evenly); default all (15 with 15 ids)")
+    g.add_argument("--multi-mode", choices=("auto", "routed", "unrouted"), default="auto",
+                   help="multi-ID routing: auto = routed when the model has routers, else unrouted (all-ones masks)")
+    g.add_argument("--sheet-size", type=int, default=12,
+                   help="generations per split on its contact sheet (first image of jobs spread evenly; default 12)")
     g.add_argument("--images", type=int, default=None,
                    help="images per (identity, prompt); default 4 (real), 1 (synthetic)")
     g = p.add_argument_group("generation")
@@ -99,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 WORLD_DEFAULTS = {
-    "real": {"images": 4, "steps": 25, "guidance": 7.5, "face_scale": 0.7, "pairs": None},
-    "synthetic": {"images": 1, "steps": 10, "guidance": 3.0, "face_scale": 1.0, "pairs": 21},
+    "real": {"images": 4, "steps": 25, "guidance": 7.5, "face_scale": 0.7, "pairs": None, "groups": None},
+    "synthetic": {"images": 1, "steps": 10, "guidance": 3.0, "face_scale": 1.0, "pairs": 21, "groups": None},
 }
 
 
@@ -123,18 +147,21 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--clip-model and --clip-checkpoint go together")
     if a.images < 1:
         raise ValueError(f"--images must be >= 1, got {a.images}")
+    if a.sheet_size < 1:
+        raise ValueError(f"--sheet-size must be >= 1, got {a.sheet_size}")
     return a
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = run_or_exit(lambda args: run(resolve(args)), build_parser().parse_args(argv))
     out = Path(results["config"]["out"])
-    for protocol in ("single", "multi"):
-        r = results.get(protocol)
-        if r and "skipped" not in r:
-            print(f"{protocol}-ID: Face Sim {r['face_sim']:.1f}% over {r['num_images']} images "
-                  f"({results['recognizer']})")
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+    for label, r in measured_protocols(results):
+        name = label.replace("\n", " ")
+        print(f"{name}: Face Sim {r['face_sim']:.1f}% over {r['num_images']} images ({source_label(results)})")
+    for n, r in sorted((results.get("multi") or {}).items()):
+        if "skipped" in r:
+            print(f"{n} people: skipped ({r['skipped']})")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} and the splits' pictures")
     return results
 
 

@@ -1,29 +1,38 @@
 """The identity-preservation benchmark's run (`make eval`, `python -m src.evaluate`; options in
-src/cli/evaluate.py): load the model, the recogniser and the identities, generate or reuse every job's
-images, score them, write results.json / results.md / results.png.
+src/cli/evaluate.py): load the model, the recogniser and the identities, plan the single-ID jobs and the
+multi-ID splits (2, 3, 4 people; unrouted when the model has no routers), generate or reuse every job's
+images, score them, write results.json / results.md / results.png and each split's pictures.
 
 build_metric_recognizer  the Face Sim recogniser: the synthetic world's own, or dlib / FaceNet
 build_clip               CLIP-T / CLIP-I: a local open_clip checkpoint, or the tiny world's CLIP
 build_fid_feature        the FID feature network (local weights only)
+multi_unrouted           whether the multi-ID splits run without routers (--multi-mode)
+plan_splits              the multi-ID splits' groups, prompts and jobs
 run                      the whole benchmark
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 from tqdm import tqdm
 
 from src.evaluation import prompts as bp
-from src.evaluation.identities import real_identities, reference_photos, synthetic_identities
+from src.evaluation.figures import identity_colours, write_contact_sheet, write_plot, write_split_plot
+from src.evaluation.identities import BenchIdentity, real_identities, reference_photos, synthetic_identities
 from src.evaluation.jobs import Job, generate_job, generation_tag, load_job, model_fingerprint, multi_jobs, single_jobs
-from src.evaluation.reports import RECOGNIZER_NOTE, write_markdown, write_plot
+from src.evaluation.multi_scoring import ROUTED_LABEL, UNROUTED_LABEL, SplitScores
+from src.evaluation.reports import RECOGNIZER_NOTE, source_label, write_markdown
 from src.evaluation.scoring import ProtocolScores, compute_fid
 from src.evaluation.synthetic_recognizer import SyntheticFaceRecognizer
 from src.inference.loading import load_pipeline
+from src.inference.pipeline import UniPortraitPipeline
 from src.metrics import ClipScore
 from src.models import adapters
 from src.recognizers import FaceRecognizer, build_recognizer
@@ -75,8 +84,63 @@ def build_fid_feature(a: argparse.Namespace) -> nn.Module | int:
     return TorchvisionInceptionFeatures(a.fid_weights)
 
 
+class _OnceFilter(logging.Filter):
+    """Lets each distinct log message through once (the pipeline warns on every unrouted multi-ID call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def multi_unrouted(mode: str, routed: bool) -> bool:
+    """Whether the multi-ID splits run unrouted: `mode` "auto" (unrouted iff the model has no routers),
+    "routed" (an error without routers) or "unrouted" (also for a model with routers)."""
+    if mode == "routed" and not routed:
+        raise ValueError("--multi-mode routed: the model has no routers (a stage-1 checkpoint); "
+                         "use --multi-mode auto or unrouted, or stage-2 / router weights")
+    return mode == "unrouted" or (mode == "auto" and not routed)
+
+
+@dataclass
+class SplitPlan:
+    """The jobs of one multi-ID split: its identity groups, prompt indices and generation calls."""
+
+    people: int
+    groups: list[tuple[str, ...]]
+    prompt_idx: list[int]
+    jobs: list[Job]
+
+
+def plan_splits(a: argparse.Namespace, ids: list[BenchIdentity], unrouted: bool) -> tuple[
+        dict[int, SplitPlan], dict[int, str]]:
+    """The multi-ID splits of `a.people` (planned) and those that cannot run (size -> reason).
+
+    Groups: `prompts.identity_groups`, then `--pairs` (2 people) / `--groups` (3, 4) of them spread evenly;
+    prompts: `--multi-prompts` of the split's prompt list, spread evenly.
+    """
+    by_name = {b.name: b for b in ids}
+    plans, skipped = {}, {}
+    for n in sorted(set(a.people)):
+        groups = bp.spread(bp.identity_groups([b.name for b in ids], n), a.pairs if n == 2 else a.groups)
+        if not groups:
+            skipped[n] = f"fewer than {n} identities"
+            continue
+        prompt_idx = bp.spread(list(range(len(bp.GROUP_PROMPTS[n]))), a.multi_prompts)
+        jobs = multi_jobs([[by_name[x] for x in g] for g in groups], prompt_idx, unrouted)
+        plans[n] = SplitPlan(n, groups, prompt_idx, jobs)
+    return plans, skipped
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Generate (or reuse) the benchmark images, score them, write results.json / .md / .png.
+    """Generate (or reuse) the benchmark images, score them, write results.json / .md / .png and, per
+    multi-ID split, people<n>_metrics.png and people<n>_sheet.png.
 
     `args`: the options of `python -m src.evaluate` with the world's defaults filled in (src/cli/evaluate.py's
     `resolve`); `args.checkpoint` is set to the checkpoint read when it defaulted. Returns results.json's dict.
@@ -103,23 +167,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ids = real_identities(photos, recognizer)
     by_name = {b.name: b for b in ids}
 
-    routed = bool(adapters.router_parameters(pipe.pipe.unet))
+    unrouted = multi_unrouted(a.multi_mode, bool(adapters.router_parameters(pipe.pipe.unet)))
+    pipe_log = logging.getLogger(UniPortraitPipeline.__module__)
+    if unrouted and not any(isinstance(f, _OnceFilter) for f in pipe_log.filters):
+        pipe_log.addFilter(_OnceFilter())
     single_idx = bp.spread(list(range(len(bp.SINGLE_PROMPTS))), a.prompts)
-    multi_idx = bp.spread(list(range(len(bp.MULTI_PROMPTS))), a.multi_prompts)
-    pairs = bp.spread(bp.all_pairs([b.name for b in ids]), a.pairs)
-    jobs: list[Job] = []
-    multi_skip = None
-    if a.protocol in ("single", "both"):
-        jobs += single_jobs(ids, single_idx)
-    if a.protocol in ("multi", "both"):
-        if not routed:
-            multi_skip = "the model has no routers (a stage-1 checkpoint): multi-ID needs stage-2 / router weights"
-            if a.protocol == "multi":
-                raise ValueError(f"--protocol multi: {multi_skip}")
-        elif len(ids) < 2:
-            multi_skip = "fewer than 2 identities"
-        else:
-            jobs += multi_jobs([(by_name[x], by_name[y]) for x, y in pairs], multi_idx)
+    jobs: list[Job] = single_jobs(ids, single_idx) if a.protocol in ("single", "both") else []
+    plans, skipped = plan_splits(a, ids, unrouted) if a.protocol in ("multi", "both") else ({}, {})
+    for plan in plans.values():
+        jobs += plan.jobs
 
     gen = {"steps": a.steps, "guidance": a.guidance, "face_scale": a.face_scale, "structure_scale": a.structure_scale,
            "scheduler": a.scheduler, "negative_prompt": a.negative_prompt, "seed": a.seed}
@@ -129,9 +185,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tag = generation_tag({**gen, **model_key})
     root = a.out / "images" / tag
     clip, clip_name = build_clip(a, comps)
-    scores = {"single": ProtocolScores(recognizer, clip), "multi": ProtocolScores(recognizer, clip)}
-    if clip is not None:  # one CLIP accumulator per protocol
-        scores["multi"].clip = ClipScore(clip.model, clip.preprocess, clip.tokenizer)
+
+    def clip_copy() -> ClipScore | None:  # one CLIP accumulator per protocol / split
+        return None if clip is None else ClipScore(clip.model, clip.preprocess, clip.tokenizer)
+
+    single = ProtocolScores(recognizer, clip)
+    splits = {n: SplitScores(n, recognizer, clip_copy(), unrouted,
+                             set(bp.spread([(j.names, j.prompt_index) for j in p.jobs], a.sheet_size)))
+              for n, p in plans.items()}
     reused = 0
     for job in tqdm(jobs, desc="benchmark generations", unit="call"):
         loaded = load_job(job, root, a.images)
@@ -140,11 +201,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             images, routing = loaded
             reused += 1
-        scores[job.protocol].add(job, images, [by_name[n] for n in job.names], routing,
-                                 keep_for_fid=a.fid_reference is not None)
+        refs = [by_name[n] for n in job.names]
+        if job.protocol == "single":
+            single.add(job, images, refs, keep_for_fid=a.fid_reference is not None)
+        else:
+            splits[job.people].add(job, images, refs, routing, keep_for_fid=a.fid_reference is not None)
 
     results: dict[str, Any] = {
         "world": a.world, "model": model_label, "recognizer": a.recognizer, "clip": clip_name,
+        "multi_mode": UNROUTED_LABEL if unrouted else ROUTED_LABEL,
         "generation_tag": tag, "images_dir": str(root), "reused_calls": reused, "generated_calls": len(jobs) - reused,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "identities": [{"name": b.name, "class_word": b.class_word} for b in ids],
@@ -154,19 +219,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(recognizer, SyntheticFaceRecognizer):
         results["recognizer_calibration"] = recognizer.calibration
     fid_feature = build_fid_feature(a) if a.fid_reference is not None else None
-    for protocol, n_items, n_prompts in (("single", len(ids), len(single_idx)), ("multi", len(pairs), len(multi_idx))):
-        s = scores[protocol]
-        if s.num_images == 0:
-            if protocol == "multi" and multi_skip:
-                results["multi"] = {"skipped": multi_skip}
-            continue
-        fid = (compute_fid(s.fid_images, a.fid_reference, fid_feature, a.fid_weights)
-               if fid_feature is not None else None)
-        summary = s.summary(fid)
-        summary["num_prompts"] = n_prompts
-        summary["num_identities" if protocol == "single" else "num_pairs"] = n_items
-        results[protocol] = summary
+
+    def fid(images: list[np.ndarray]) -> float | None:
+        return compute_fid(images, a.fid_reference, fid_feature, a.fid_weights) if fid_feature is not None else None
+
+    if single.num_images:
+        results["single"] = {**single.summary(fid(single.fid_images)), "num_prompts": len(single_idx),
+                             "num_identities": len(ids)}
+    if a.protocol in ("multi", "both"):
+        results["multi"] = {str(n): {"skipped": why} for n, why in skipped.items()}
+        for n, s in splits.items():
+            results["multi"][str(n)] = {**s.summary(fid(s.fid_images)), "num_groups": len(plans[n].groups),
+                                        "num_prompts": len(plans[n].prompt_idx),
+                                        "groups": ["+".join(g) for g in plans[n].groups]}
     (a.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     write_markdown(results, a.out / "results.md")
     write_plot(results, a.out / "results.png")
+    colours = identity_colours([b.name for b in ids])
+    for n, s in splits.items():
+        write_split_plot(a.out / f"people{n}_metrics.png", results, n)
+        members = {x for g in plans[n].groups for x in g}
+        title = f"{n} people, {s.mode}: model {model_label}; {source_label(results)}"
+        write_contact_sheet(a.out / f"people{n}_sheet.png", title,
+                            [(b.name, b.image) for b in ids if b.name in members], s.sheet, colours)
     return results

@@ -1,9 +1,11 @@
 """The benchmark's generation calls (`Job`s) and their image cache.
 
-A job is N images of one prompt with one or two identities. Its images live under
-`<out>/images/<tag>/<protocol>/<names>/` where the tag (`generation_tag`) hashes the model
-(`model_fingerprint`) and every generation setting, so an interrupted run resumes (`load_job`) and a
-changed setting never mixes with old images (`generate_job` writes them).
+A job is N images of one prompt with one identity (single-ID) or a group of 2-4 (multi-ID). Its images
+live under `<out>/images/<tag>/<folder>/<names>/` (folder: "single", "multi", or "multi-unrouted" for
+groups generated without routers: every identity applied everywhere through all-ones masks), where
+the tag (`generation_tag`) hashes the model (`model_fingerprint`) and every generation setting, so an
+interrupted run resumes (`load_job`) and a changed setting never mixes with old images (`generate_job`
+writes them).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 
@@ -24,16 +27,24 @@ from src.evaluation.identities import BenchIdentity
 
 @dataclass(frozen=True)
 class Job:
-    """One generation call: N images of one prompt with one or two identities."""
+    """One generation call: N images of one prompt with one identity or a group of identities.
+
+    unrouted: a multi-ID job generated without routers (each identity everywhere, equal weights).
+    """
 
     protocol: str  # "single" | "multi"
     names: tuple[str, ...]  # identity names, in prompt order
-    prompt_index: int
+    prompt_index: int  # index into SINGLE_PROMPTS, or into GROUP_PROMPTS[len(names)]
     template: str
     prompt: str
+    unrouted: bool = False
+
+    @property
+    def people(self) -> int:
+        return len(self.names)
 
     def folder(self, root: Path) -> Path:
-        return root / self.protocol / "+".join(self.names)
+        return root / (f"{self.protocol}-unrouted" if self.unrouted else self.protocol) / "+".join(self.names)
 
     def image_path(self, root: Path, i: int) -> Path:
         return self.folder(root) / f"p{self.prompt_index:02d}_{i:02d}.png"
@@ -47,10 +58,16 @@ def single_jobs(ids: Sequence[BenchIdentity], prompt_idx: Sequence[int]) -> list
             for b in ids for p in prompt_idx]
 
 
-def multi_jobs(pairs: Sequence[tuple[BenchIdentity, BenchIdentity]], prompt_idx: Sequence[int]) -> list[Job]:
-    return [Job("multi", (a.name, b.name), p, bp.MULTI_PROMPTS[p],
-                bp.multi_prompt(bp.MULTI_PROMPTS[p], a.class_word, b.class_word))
-            for a, b in pairs for p in prompt_idx]
+def multi_jobs(groups: Sequence[Sequence[BenchIdentity]], prompt_idx: Sequence[int], unrouted: bool = False
+               ) -> list[Job]:
+    """Jobs of one multi-ID split: every group x every prompt index of GROUP_PROMPTS[group size]."""
+    out = []
+    for group in groups:
+        templates = bp.GROUP_PROMPTS[len(group)]
+        for p in prompt_idx:
+            out.append(Job("multi", tuple(b.name for b in group), p, templates[p],
+                           bp.multi_prompt(templates[p], *(b.class_word for b in group)), unrouted))
+    return out
 
 
 def generation_tag(settings: dict[str, Any]) -> str:
@@ -87,12 +104,17 @@ def generate_job(pipe: Any, job: Job, identities: list[Any], root: Path, n: int,
         list[np.ndarray], list[Tensor] | None]:
     """Run the pipeline for one job, save its PNGs (and last-step routing maps), return them.
 
-    Routing maps: one (n, 2, h, w) hard map per routed cross-attention layer.
+    Routing maps: one (n, R, h, w) hard map per routed cross-attention layer; for an unrouted job one
+    "explicit_masks" entry: the all-ones masks normalised over identities (1/R everywhere).
     """
+    masks = None
+    if job.unrouted:  # no router: every identity everywhere with equal weight (pipeline's explicit masks)
+        size = pipe.pipe.unet.config.sample_size * pipe.pipe.vae_scale_factor
+        masks = torch.ones(len(identities), size, size)  # (R, H, W)
     out = pipe(job.prompt, identities, negative_prompt=gen["negative_prompt"], faceid_scale=gen["face_scale"],
                structure_scale=gen["structure_scale"], guidance_scale=gen["guidance"],
                num_inference_steps=gen["steps"], scheduler=gen["scheduler"], seed=gen["seed"], num_images=n,
-               return_routing_maps=job.protocol == "multi", progress=False)
+               masks=masks, return_routing_maps=job.protocol == "multi", progress=False)
     job.folder(root).mkdir(parents=True, exist_ok=True)
     images = []
     for i, img in enumerate(out.images):

@@ -9,6 +9,12 @@
   chosen to mirror the single-ID categories (7 action, 7 context, 7 style) and always describe the
   two people side by side, so two faces are expected in every image. Changing this list changes
   the benchmark: don't.
+- `GROUP_PROMPTS`: this project's own FIXED sets of 12 three-person and 12 four-person templates
+  (4 action, 4 context, 4 style each, mirroring the pairs' categories; `{c1}`..`{c4}` are the class
+  words of the group's identities in group order). Beyond the paper: they extend its pairs to the
+  3- and 4-person splits of the newer multi-identity benchmarks. Don't change them either.
+- `identity_groups`: the identity groups of a split: every pair for 2 people (as in the paper), and
+  for 3 / 4 people the N cyclic shifts of a Golomb ruler over the identity list (see its docstring).
 - `PUBLISHED`: the numbers published in the paper (Face Sim % / CLIP-T % / FID), for the tables.
 """
 from __future__ import annotations
@@ -80,6 +86,26 @@ MULTI_CATEGORIES: dict[str, tuple[str, ...]] = {
     "action": MULTI_PROMPTS[0:7], "context": MULTI_PROMPTS[7:14], "style": MULTI_PROMPTS[14:21],
 }
 
+# The project's own fixed 3- and 4-person prompts (4 action, 4 context, 4 style each).
+_PEOPLE = {3: "a {c1}, a {c2} and a {c3}", 4: "a {c1}, a {c2}, a {c3} and a {c4}"}
+GROUP_CATEGORIES: dict[int, dict[str, tuple[str, ...]]] = {
+    n: {
+        "action": (f"{who} sitting at a dinner table", f"{who} playing cards", f"{who} cooking a meal together",
+                   f"{who} walking in a park"),
+        "context": (f"{who} on the beach", f"{who} in the snow", f"{who} on a cobblestone street",
+                    f"{who} with a mountain in the background"),
+        "style": (f"a painting of {who} in the style of Vincent Van Gogh", f"a watercolor painting of {who}",
+                  f"a black and white photograph of {who}", f"a street art mural of {who}"),
+    }
+    for n, who in _PEOPLE.items()
+}
+GROUP_PROMPTS: dict[int, tuple[str, ...]] = {
+    2: MULTI_PROMPTS, **{n: tuple(p for g in cats.values() for p in g) for n, cats in GROUP_CATEGORIES.items()},
+}
+SPLIT_SIZES: tuple[int, ...] = (2, 3, 4)  # people per image in the multi-ID splits
+# Golomb rulers (all pairwise differences distinct): the offsets of the 3- and 4-person groups (identity_groups).
+GROUP_OFFSETS: dict[int, tuple[int, ...]] = {3: (0, 1, 3), 4: (0, 1, 3, 7)}
+
 # Published numbers (Face Sim % / CLIP-T % / FID); None = not reported.
 PUBLISHED: dict[str, dict[str, dict[str, float | None]]] = {
     "single": {
@@ -100,14 +126,18 @@ def single_prompt(template: str, class_word: str) -> str:
     return template.format(c=class_word)
 
 
-def multi_prompt(template: str, class1: str, class2: str) -> str:
-    """A two-person template filled with both class words, in pair order."""
-    return template.format(c1=class1, c2=class2)
+def multi_prompt(template: str, *class_words: str) -> str:
+    """A multi-person template filled with the class words, in group order ("{c1}" <- class_words[0], ...)."""
+    fields = {f"c{i + 1}": w for i, w in enumerate(class_words)}
+    try:
+        return template.format(**fields)
+    except KeyError as err:
+        raise ValueError(f"template {template!r} needs {err.args[0]}, got {len(class_words)} class words") from err
 
 
 def prompt_category(template: str) -> str:
     """The category ("accessory", "style", "action", "context") of a single- or multi-ID template."""
-    for categories in (SINGLE_CATEGORIES, MULTI_CATEGORIES):
+    for categories in (SINGLE_CATEGORIES, MULTI_CATEGORIES, *GROUP_CATEGORIES.values()):
         for name, group in categories.items():
             if template in group:
                 return name
@@ -117,6 +147,36 @@ def prompt_category(template: str) -> str:
 def all_pairs(ids: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
     """Every unordered pair of `ids`, in lexicographic order of positions (15 ids -> 105 pairs)."""
     return list(combinations(ids, 2))
+
+
+def identity_groups(ids: list[str] | tuple[str, ...], n: int) -> list[tuple[str, ...]]:
+    """The identity groups of the n-person split, each in identity-list order, all distinct.
+
+    n = 2: every unordered pair (`all_pairs`, the paper's protocol; 15 ids -> 105 pairs).
+    n = 3, 4: group i (i = 0..N-1) holds the identities at positions (i + o) mod N for the offsets
+    `GROUP_OFFSETS[n]` = (0, 1, 3) / (0, 1, 3, 7). The offsets form a Golomb ruler, so with N = 15
+    every identity is in exactly n groups and no two identities share more than one group (15 groups
+    each; 45 / 90 of the 105 pairs occur once). Small lists (N <= the largest offset) fall back to all
+    combinations when there are at most N of them, else to N combinations spread evenly.
+    Duplicate groups (several shifts giving the same set) are kept once. Fewer than n ids -> [].
+    """
+    ids = list(ids)
+    num = len(ids)
+    if n == 2:
+        return all_pairs(ids)
+    if n not in GROUP_OFFSETS:
+        raise ValueError(f"no identity groups defined for {n} people (splits: {SPLIT_SIZES})")
+    if num < n:
+        return []
+    offsets = GROUP_OFFSETS[n]
+    if len({o % num for o in offsets}) < n:  # the ruler does not fit: combinations instead
+        return spread(list(combinations(ids, n)), num)
+    out: list[tuple[str, ...]] = []
+    for i in range(num):
+        group = tuple(ids[p] for p in sorted((i + o) % num for o in offsets))
+        if group not in out:
+            out.append(group)
+    return out
 
 
 def spread(items: list, k: int | None) -> list:

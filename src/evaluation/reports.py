@@ -1,12 +1,15 @@
-"""The benchmark's reports: results.md (tables in the paper's layout, published numbers beside ours) and
-results.png (Face Sim ours vs published, and ours per prompt category).
+"""The benchmark's results.md: the paper's tables (single-ID, multi-ID pairs; published numbers beside ours)
+and the multi-ID splits table (2 / 3 / 4 people, the metrics of the newer benchmarks). Pictures: figures.py.
+
+Every table has a Source column naming the recogniser and the world of each row ("this run: tiny
+recogniser, synthetic world" / "published: facenet recogniser, real world"). Rows measured with another
+recogniser or on another world than the rows above them follow a break row (`BREAK`), so figures that
+are not comparable never share a column unmarked.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from src.evaluation import prompts as bp
 
@@ -14,28 +17,83 @@ RECOGNIZER_NOTE = (
     "Numbers measured with different face recognisers are not comparable: the published numbers use "
     "MTCNN + FaceNet (InceptionResnetV1, VGGFace2) on real photographs; ours use the recogniser named above."
 )
+PUBLISHED_WORLD = "real"  # the paper's 15 CelebA identities
+PUBLISHED_SOURCE = f"{bp.PUBLISHED_RECOGNIZER} recogniser, {PUBLISHED_WORLD} world"
+BREAK = "not comparable with the rows above"  # text of a break row
 
 
 def fmt(v: Any) -> str:
     return "-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
 
 
-def markdown_table(protocol: str, ours: dict[str, Any], label: str, recognizer: str) -> list[str]:
+def source_label(results: dict[str, Any]) -> str:
+    """"<recogniser> recogniser, <world> world" of this run."""
+    return f"{results['recognizer']} recogniser, {results['world']} world"
+
+
+def comparable(results: dict[str, Any]) -> bool:
+    """Whether this run's Face Sim shares the published numbers' recogniser and world."""
+    return results["recognizer"] == bp.PUBLISHED_RECOGNIZER and results["world"] == PUBLISHED_WORLD
+
+
+def break_row(columns: int, results: dict[str, Any]) -> str:
+    return (f"| *— break: the rows below were measured with the {PUBLISHED_SOURCE}; {BREAK} "
+            f"({source_label(results)}) —* |" + " |" * (columns - 1))
+
+
+def markdown_table(protocol: str, ours: dict[str, Any], label: str, results: dict[str, Any]) -> list[str]:
     """The paper's table layout (Face Sim / CLIP-T / FID) with our row and the published rows."""
     lines = ["| Method | Face Sim (%) ↑ | CLIP-T (%) ↑ | FID ↓ | Source |", "|---|---|---|---|---|"]
     lines.append(f"| **{label}** | {fmt(ours.get('face_sim'))} | {fmt(ours.get('clip_t'))} | {fmt(ours.get('fid'))} "
-                 f"| this run ({recognizer} recogniser) |")
+                 f"| this run: {source_label(results)} |")
+    if not comparable(results):
+        lines.append(break_row(5, results))
     for method, nums in bp.PUBLISHED[protocol].items():
         lines.append(f"| {method} (published) | {fmt(nums['face_sim'])} | {fmt(nums['clip_t'])} | {fmt(nums['fid'])} "
-                     f"| published (paper, {bp.PUBLISHED_RECOGNIZER}) |")
+                     f"| published: {PUBLISHED_SOURCE} |")
     return lines
+
+
+SPLIT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("face_sim", "Face Sim (greedy min) ↑"), ("sim_matched", "Sim Hungarian ↑"), ("sim_mht", "Sim MHT ↑"),
+    ("leakage", "leakage ↓"), ("id_conf", "ID-Conf ↑"), ("count_acc", "count acc. ↑"),
+    ("duplicate_rate", "duplicated ↓"), ("no_face_rate", "no face ↓"), ("routing_accuracy", "routing acc. ↑"),
+    ("clip_t", "CLIP-T ↑"),
+)
+
+
+def splits_table(results: dict[str, Any]) -> list[str]:
+    """One row per measured multi-ID split: the multi-identity metrics, all from this run's recogniser."""
+    head = ["Split", "Mode", "Groups x prompts x images"] + [name for _, name in SPLIT_COLUMNS] + ["Source"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    images = results["config"]["images"]
+    for n, s in sorted(results["multi"].items()):
+        if "skipped" in s:
+            continue
+        cells = [f"{n} people", s["mode"], f"{s['num_groups']} x {s['num_prompts']} x {images} = {s['num_images']}"]
+        cells += [("no router" if k == "routing_accuracy" and s["mode"] != "routed" else fmt(s.get(k)))
+                  for k, _ in SPLIT_COLUMNS] + [f"this run: {source_label(results)}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def split_notes(results: dict[str, Any]) -> list[str]:
+    out = []
+    for n, s in sorted(results["multi"].items()):
+        if "skipped" in s:
+            out.append(f"- {n} people: skipped ({s['skipped']})")
+            continue
+        cats = ", ".join(f"{k} {fmt(v)}" for k, v in s["per_category"].items())
+        out.append(f"- {n} people: Face Sim by prompt category: {cats}; pictures: people{n}_metrics.png, "
+                   f"people{n}_sheet.png")
+    return out
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     cfg = results["config"]
     label = f"ours ({results['model']})"
     lines = [f"# Identity-preservation benchmark ({results['world']} world)", "",
-             f"Recogniser: **{results['recognizer']}**. {RECOGNIZER_NOTE}", ""]
+             f"Recogniser: **{results['recognizer']}**, world: **{results['world']}**. {RECOGNIZER_NOTE}", ""]
     if results["world"] == "synthetic":
         lines += ["Synthetic world: cartoon identities scored by the tiny world's own face backbone (sliding-window "
                   "detector); CLIP scores come from the tiny, untrained CLIP. These numbers check the pipeline and "
@@ -44,22 +102,27 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     if single:
         lines += [f"## Single-ID ({single['num_identities']} identities x {single['num_prompts']} prompts x "
                   f"{cfg['images']} images = {single['num_images']} images)", ""]
-        lines += markdown_table("single", single, label, results["recognizer"]) + [""]
+        lines += markdown_table("single", single, label, results) + [""]
         lines += ["Face Sim by prompt category: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in single["per_category"].items()),
                   ""]
-    multi = results.get("multi")
-    if multi and "skipped" in multi:
-        lines += ["## Multi-ID", "", f"Skipped: {multi['skipped']}", ""]
-    elif multi:
-        lines += [f"## Multi-ID ({multi['num_pairs']} pairs x {multi['num_prompts']} prompts x {cfg['images']} "
-                  f"images = {multi['num_images']} images)", ""]
-        lines += markdown_table("multi", multi, label, results["recognizer"]) + [""]
-        lines += ["| Beyond the paper | value |", "|---|---|",
-                  f"| right face count (%) | {fmt(multi.get('face_count_ok'))} |",
-                  f"| duplicated identity (%) | {fmt(multi.get('duplicate_rate'))} |",
-                  f"| routing accuracy in detected faces, last step (%) | {fmt(multi.get('routing_accuracy'))} |",
-                  f"| no face found (%) | {fmt(multi.get('no_face_rate'))} |", ""]
+    multi = results.get("multi") or {}
+    pairs = multi.get("2")
+    if pairs and "skipped" not in pairs:
+        mode = "" if pairs["mode"] == "routed" else f", {pairs['mode']}"
+        lines += [f"## Multi-ID, the paper's protocol ({pairs['num_groups']} pairs x {pairs['num_prompts']} prompts "
+                  f"x {cfg['images']} images = {pairs['num_images']} images{mode})", ""]
+        lines += markdown_table("multi", pairs, f"{label}{mode}", results) + [""]
+    if multi:
+        lines += ["## Multi-ID splits: 2, 3 and 4 people (beyond the paper)", "",
+                  "Face Sim: the paper's (greedy matching, minimum over identities). Sim Hungarian: MultiID-Bench "
+                  "Sim(Ref) (mean of the Hungarian-matched cosines); Sim MHT: MultiHuman-Testbench (matched cosines "
+                  "summed / people, a missing face counts 0); leakage: mean cosine of the non-matched pairs; "
+                  "ID-Conf: UMO's; routing accuracy: last denoising step, inside the detected faces matched "
+                  "(Hungarian) to each identity. Rows marked *unrouted (no router)* were generated by a model "
+                  "without routers, every identity applied everywhere with equal weight: the comparison that "
+                  "shows what routing buys.", ""]
+        lines += splits_table(results) + [""] + split_notes(results) + [""]
     calib = results.get("recognizer_calibration")
     if calib:
         lines += [f"Synthetic face detector, on its own calibration renders: face-window recall "
@@ -69,38 +132,3 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                   "(an upper bound on how far face counts and routing accuracy can be trusted here).", ""]
     lines += ["Rows marked *published* are the numbers printed in the UniPortrait paper, not measured here.", ""]
     path.write_text("\n".join(lines))
-
-
-def write_plot(results: dict[str, Any], path: Path) -> None:
-    """Face Sim ours vs published per protocol, and ours per prompt category (PNG, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    protocols = [p for p in ("single", "multi") if results.get(p) and "skipped" not in results[p]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    for i, p in enumerate(protocols):
-        names = [f"ours ({results['recognizer']})"] + [f"{m}\n(published)" for m in bp.PUBLISHED[p]]
-        vals = [results[p]["face_sim"]] + [v["face_sim"] for v in bp.PUBLISHED[p].values()]
-        xs = np.arange(len(vals)) + i * (len(bp.PUBLISHED["single"]) + 2)
-        ax.bar(xs, vals, color=["tab:blue"] + ["tab:gray"] * (len(vals) - 1))
-        for x, n in zip(xs, names):
-            ax.text(x, 1, n, rotation=90, ha="center", va="bottom", fontsize=7)
-        ax.text(xs.mean(), max(vals) + 3, f"{p}-ID", ha="center")
-    ax.set_xticks([])
-    ax.set_ylabel("Face Sim (%)")
-    ax.set_title("Face Sim: ours vs published (recognisers differ)")
-    ax = axes[1]
-    for i, p in enumerate(protocols):
-        cats = results[p]["per_category"]
-        ax.bar(np.arange(len(cats)) + 0.4 * i, list(cats.values()), width=0.4, label=f"{p}-ID")
-        ax.set_xticks(np.arange(len(cats)) + 0.2 * (len(protocols) - 1), list(cats))
-    ax.set_ylabel("Face Sim (%)")
-    ax.set_title("ours, by prompt category")
-    if protocols:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,10 +1,9 @@
-"""Scoring the benchmark's images: Face Sim (overall, per prompt category, per identity), CLIP-T / CLIP-I,
-routing accuracy inside the detected faces (`ProtocolScores`), and FID against a reference folder
-(`compute_fid`). Scores are x100 (%), as in the paper's tables, except FID.
+"""Scoring the single-ID protocol's images: Face Sim (overall, per prompt category, per identity), CLIP-T /
+CLIP-I (`ProtocolScores`), and FID against a reference folder (`compute_fid`, both protocols). Scores are
+x100 (%), as in the paper's tables, except FID. The multi-ID splits: multi_scoring.py.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,22 +19,20 @@ from src.conventions import uint8_to_unit
 from src.evaluation import prompts as bp
 from src.evaluation.identities import BenchIdentity
 from src.evaluation.jobs import Job
-from src.faces import box_mask, load_rgb
-from src.metrics import ClipScore, FaceSimilarity, RoutingAccuracy, greedy_match, image_face_score
+from src.faces import load_rgb
+from src.metrics import ClipScore, FaceSimilarity, image_face_score
 from src.recognizers import FaceRecognizer
 
 
 @dataclass
 class ProtocolScores:
-    """Accumulators of one protocol: Face Sim overall / per category / per identity, CLIP, routing."""
+    """Accumulators of the single-ID protocol: Face Sim overall / per category / per identity, CLIP."""
 
     recognizer: FaceRecognizer
     clip: ClipScore | None
     face: FaceSimilarity = field(init=False)
     categories: dict[str, FaceSimilarity] = field(default_factory=dict)
     per_identity: dict[str, FaceSimilarity] = field(default_factory=dict)
-    routing: RoutingAccuracy = field(default_factory=RoutingAccuracy)
-    routing_images: int = 0
     num_images: int = 0
     fid_images: list[np.ndarray] = field(default_factory=list)
 
@@ -47,19 +44,16 @@ class ProtocolScores:
             table[key] = FaceSimilarity(self.recognizer)
         return table[key]
 
-    def add(self, job: Job, images: list[np.ndarray], refs: list[BenchIdentity], routing: list[Tensor] | None,
-            keep_for_fid: bool) -> None:
+    def add(self, job: Job, images: list[np.ndarray], refs: list[BenchIdentity], keep_for_fid: bool) -> None:
         ref = torch.stack([r.embedding for r in refs])  # (R, D)
         category = bp.prompt_category(job.template)
-        for i, image in enumerate(images):
-            faces, boxes = self.recognizer.embed_faces(image)  # (K, D), (K, 4)
+        for image in images:
+            faces, _boxes = self.recognizer.embed_faces(image)  # (K, D), (K, 4)
             score = image_face_score(faces, F.normalize(ref.float(), dim=-1))
             for m in (self.face, self._metric(self.categories, category)):
                 m.add_score(score)
             for r in refs:
                 self._metric(self.per_identity, r.name).add_score(score)
-            if routing:
-                self.add_routing(image, faces, boxes, ref, [h[i : i + 1] for h in routing])
         if self.clip is not None:
             self.clip.update(images, texts=[job.prompt] * len(images))
             for r in refs:
@@ -67,25 +61,6 @@ class ProtocolScores:
         if keep_for_fid:
             self.fid_images += images
         self.num_images += len(images)
-
-    def add_routing(self, image: np.ndarray, faces: Tensor, boxes: Tensor, ref: Tensor, maps: list[Tensor]) -> None:
-        """Routing accuracy of the last denoising step inside the detected faces matched to identities.
-
-        faces (K, D), boxes (K, 4) of this image; ref (R, D); maps: per layer (1, R, h, w) hard routing.
-        Identity j's mask is the box of the face greedily matched to it; unmatched identities are invalid.
-        """
-        h, w = image.shape[:2]
-        r = ref.shape[0]
-        masks = torch.zeros(1, r, h, w)
-        valid = torch.zeros(1, r, dtype=torch.bool)
-        if len(faces):
-            sim = (faces.float() @ F.normalize(ref.float(), dim=-1).T).clamp_min(0)  # (K, R)
-            for g, j, _ in greedy_match(sim):
-                masks[0, j] = torch.from_numpy(box_mask(h, w, boxes[g].numpy())).float()
-                valid[0, j] = True
-        self.routing_images += 1
-        for hard in maps:
-            self.routing.update(hard.float(), masks, valid, torch.zeros(1, dtype=torch.long))
 
     def summary(self, fid: float | None) -> dict[str, Any]:
         """Numbers of this protocol (x100 except FID and counts)."""
@@ -96,9 +71,6 @@ class ProtocolScores:
         if self.clip is not None:
             out.update({k: round(float(v), 3) for k, v in self.clip.compute().items()})
         out["fid"] = fid
-        if self.routing_images:
-            acc = float(self.routing.compute()["all"])
-            out["routing_accuracy"] = None if math.isnan(acc) else pct(acc)
         out["per_category"] = {k: pct(m.compute()["face_sim"]) for k, m in self.categories.items()}
         out["per_identity"] = {k: pct(m.compute()["face_sim"]) for k, m in self.per_identity.items()}
         return out

@@ -1,8 +1,10 @@
-"""The benchmark runner (`python -m src.evaluate`) on the tiny world: outputs, resume, multi-ID extras,
-the fixed prompt lists, and (slow) that training raises Face Sim against the synthetic references."""
+"""The benchmark runner (`python -m src.evaluate`) on the tiny world: outputs, resume, the multi-ID splits of
+2 / 3 / 4 people (routed on stage 2, unrouted on stage 1) with their tables and pictures, the fixed prompt
+lists, and (slow) that training raises Face Sim against the synthetic references."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,9 @@ from src.cli import evaluate
 from src.cli.train import main as train_main
 from src.evaluation import benchmark, identities
 from src.evaluation import prompts as bp
-from src.evaluation.scoring import ProtocolScores
+from src.evaluation.figures import PALETTE
+from src.evaluation.multi_scoring import UNROUTED_LABEL
+from src.evaluation.reports import BREAK
 from src.evaluation.synthetic_recognizer import nms, sliding_windows
 from src.inference.loading import DEFAULT_TINY
 from tests.helpers import SMALL_MODEL, tiny_args, write_components_yaml
@@ -52,7 +56,8 @@ def run_eval(world: Path, ckpt: Path, out: Path, *extra: str, steps: int = 2) ->
 
 def test_single_protocol_outputs_and_resume(tiny_world, checkpoints, tmp_path, capsys):
     out = tmp_path / "eval"
-    res = run_eval(tiny_world, checkpoints["stage1"], out, "--identities", "2", "--prompts", "2", "--images", "2")
+    res = run_eval(tiny_world, checkpoints["stage1"], out, "--identities", "2", "--prompts", "2", "--images", "2",
+                   "--protocol", "single")
     data = json.loads((out / "results.json").read_text())
     assert data == json.loads(json.dumps(res, default=str))
     assert data["world"] == "synthetic" and data["recognizer"] == "tiny"
@@ -66,8 +71,7 @@ def test_single_protocol_outputs_and_resume(tiny_world, checkpoints, tmp_path, c
     # the synthetic identities are the manifest's held-out ones
     unseen = json.loads((tiny_world / "data" / "manifest.json").read_text())["identities"]["unseen"]
     assert {i["name"] for i in data["identities"]} <= set(unseen)
-    # stage-1 checkpoint: no routers, so the multi-ID protocol is skipped with a reason
-    assert "stage-1" in data["multi"]["skipped"]
+    assert "multi" not in data
     assert data["config"]["steps"] == 2 and data["config"]["images"] == 2  # the exact configuration is kept
     images = sorted(Path(data["images_dir"]).rglob("*.png"))
     assert len(images) == 8 and data["generated_calls"] == 4 and data["reused_calls"] == 0
@@ -81,13 +85,14 @@ def test_single_protocol_outputs_and_resume(tiny_world, checkpoints, tmp_path, c
 
     # resume: nothing regenerated, same images, same numbers
     mtimes = {p: p.stat().st_mtime_ns for p in images}
-    res2 = run_eval(tiny_world, checkpoints["stage1"], out, "--identities", "2", "--prompts", "2", "--images", "2")
+    res2 = run_eval(tiny_world, checkpoints["stage1"], out, "--identities", "2", "--prompts", "2", "--images", "2",
+                    "--protocol", "single")
     assert res2["reused_calls"] == 4 and res2["generated_calls"] == 0
     assert {p: p.stat().st_mtime_ns for p in images} == mtimes
     assert res2["single"]["face_sim"] == pytest.approx(single["face_sim"])
     # a different generation setting is a different image set (never mixed with the old one)
     res3 = run_eval(tiny_world, checkpoints["stage1"], out, "--identities", "1", "--prompts", "1", "--images", "1",
-                    "--seed", "5")
+                    "--seed", "5", "--protocol", "single")
     assert res3["generation_tag"] != data["generation_tag"] and res3["generated_calls"] == 1
 
 
@@ -154,46 +159,107 @@ def test_face_sim_scores_each_image_against_its_own_identity(tiny_world, checkpo
     assert w["per_identity"] == {a: 100.0, b: 0.0} and w["face_sim"] == 50.0
 
 
-def test_multi_protocol_reports_counts_duplicates_and_routing(tiny_world, checkpoints, tmp_path):
+def table_sources(md: str) -> list[list[tuple[str, str] | str]]:
+    """Each markdown table's rows in order: (recogniser, world) from its Source column, or "break" for a
+    break row. Fails when a table has no Source column or a data row names no recogniser and world."""
+    tables, current = [], None
+    for line in md.splitlines() + [""]:
+        if not line.startswith("|"):
+            if current is not None:
+                tables.append(current)
+            current = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if current is None:  # header row
+            assert "Source" in cells, line
+            source, current = cells.index("Source"), []
+            continue
+        if set(line) <= set("|-"):
+            continue
+        if BREAK in line:
+            current.append("break")
+            continue
+        m = re.fullmatch(r"(?:this run|published): (\S+) recogniser, (\S+) world", cells[source])
+        assert m, f"row names no recogniser and world: {line}"
+        current.append((m.group(1), m.group(2)))
+    return tables
+
+
+def assert_recognisers_never_mixed(md: str) -> None:
+    """Rows of one table measured with different recognisers / worlds are separated by a break row."""
+    tables = table_sources(md)
+    assert tables
+    for rows in tables:
+        for before, after in zip(rows, rows[1:]):
+            if before != "break" and after != "break":
+                assert before == after, rows
+
+
+def test_multi_splits_end_to_end_routed(tiny_world, checkpoints, tmp_path):
+    """Stage 2 (routers): 2 / 3 / 4-person splits with their metrics, tables, contact sheets and plots."""
     out = tmp_path / "eval"
-    res = run_eval(tiny_world, checkpoints["stage2"], out, "--protocol", "multi", "--identities", "3",
-                   "--pairs", "2", "--multi-prompts", "2", "--images", "1")
-    multi = res["multi"]
-    assert multi["num_images"] == 2 * 2 and multi["num_pairs"] == 2 and multi["num_prompts"] == 2
-    for key in ("face_sim", "face_count_ok", "duplicate_rate", "no_face_rate"):
-        assert 0.0 <= multi[key] <= 100.0, key
-    assert "routing_accuracy" in multi  # None only when no face was detected at all
-    assert multi["routing_accuracy"] is None or 0.0 <= multi["routing_accuracy"] <= 100.0
-    assert "single" not in res
-    routing = sorted(Path(res["images_dir"]).rglob("*.routing.safetensors"))
-    assert len(routing) == 2 * 2  # one per (pair, prompt), kept for resumed runs
+    res = run_eval(tiny_world, checkpoints["stage2"], out, "--protocol", "multi", "--identities", "4",
+                   "--pairs", "2", "--groups", "1", "--multi-prompts", "1", "--images", "1")
+    assert "single" not in res and set(res["multi"]) == {"2", "3", "4"}
+    names = {i["name"] for i in res["identities"]}
+    for n in (2, 3, 4):
+        split = res["multi"][str(n)]
+        assert split["mode"] == "routed" and split["people"] == n and split["num_prompts"] == 1
+        assert split["num_groups"] == (2 if n == 2 else 1) == len(split["groups"])
+        assert split["num_images"] == split["num_groups"]
+        for group in split["groups"]:
+            members = group.split("+")
+            assert len(members) == n == len(set(members)) and set(members) <= names
+        for key in ("face_sim", "count_acc", "duplicate_rate", "no_face_rate", "id_conf"):
+            assert 0.0 <= split[key] <= 100.0, (n, key)
+        assert split["routing_accuracy"] is None or 0.0 <= split["routing_accuracy"] <= 100.0
+        assert set(split["per_identity"]) == {x for g in split["groups"] for x in g.split("+")}
+        sheet = Image.open(out / f"people{n}_sheet.png")
+        assert sheet.format == "PNG"
+        # the references row: each reference framed in its identity's colour (palette in identity-list order)
+        pixels = {tuple(p) for p in np.asarray(sheet.convert("RGB")).reshape(-1, 3)}
+        order = [i["name"] for i in res["identities"]]
+        first = split["groups"][0].split("+")
+        assert all(PALETTE[order.index(x)] in pixels for x in first)
+        assert Image.open(out / f"people{n}_metrics.png").format == "PNG"
+    assert len(sorted(Path(res["images_dir"]).rglob("*.routing.safetensors"))) == 2 + 1 + 1
     md = (out / "results.md").read_text()
-    assert "duplicated identity" in md and "| UniPortrait (published) | 67.3 |" in md
+    assert "| UniPortrait (published) | 67.3 |" in md  # the paper's table for the pairs
+    for n in (2, 3, 4):
+        assert f"| {n} people | routed | " in md
+    assert_recognisers_never_mixed(md)
+    assert "tiny recogniser, synthetic world" in md and BREAK in md
 
 
-def test_routing_accuracy_inside_matched_faces(tiny_world):
-    """Constructed case: identity 0's face box on the left, identity 1's on the right; routing that
-    sends the left half to identity 0 is fully right, swapped routing fully wrong."""
+def test_stage1_runs_the_splits_unrouted(tiny_world, checkpoints, tmp_path):
+    """A checkpoint without routers: every identity applied everywhere with equal weight (all-ones masks),
+    rows labelled unrouted, no routing accuracy; a resumed run reuses the images."""
+    out = tmp_path / "eval"
+    opts = ("--protocol", "multi", "--identities", "3", "--people", "2", "3", "--pairs", "1", "--multi-prompts", "1",
+            "--images", "1")
+    res = run_eval(tiny_world, checkpoints["stage1"], out, *opts)
+    assert set(res["multi"]) == {"2", "3"} and res["multi_mode"] == UNROUTED_LABEL
+    for n in (2, 3):
+        split = res["multi"][str(n)]
+        assert split["mode"] == UNROUTED_LABEL and split["routing_accuracy"] is None and split["num_images"] == 1
+        assert (out / f"people{n}_sheet.png").is_file()
+    root = Path(res["images_dir"])
+    assert not (root / "multi").exists()
+    maps = sorted((root / "multi-unrouted").rglob("*.routing.safetensors"))
+    assert len(maps) == 2
+    from safetensors.torch import load_file
 
-    class TwoFaces:
-        def embed_faces(self, image):
-            return torch.eye(2), torch.tensor([[0.0, 0.0, 8.0, 16.0], [8.0, 0.0, 16.0, 16.0]])
-
-        def embed_reference(self, image):
-            return torch.eye(2)[0]
-
-    scores = ProtocolScores(TwoFaces(), None)
-    ref = torch.eye(2)  # reference j == face j
-    right = torch.zeros(1, 2, 4, 4)
-    right[0, 0, :, :2] = 1
-    right[0, 1, :, 2:] = 1
-    image = np.zeros((16, 16, 3), np.uint8)
-    faces, boxes = TwoFaces().embed_faces(image)
-    scores.add_routing(image, faces, boxes, ref, [right])
-    assert float(scores.routing.compute()["all"]) == pytest.approx(1.0)
-    swapped = ProtocolScores(TwoFaces(), None)
-    swapped.add_routing(image, faces, boxes, ref, [right.flip(1)])
-    assert float(swapped.routing.compute()["all"]) == pytest.approx(0.0)
+    for path in maps:  # equal weights 1/R everywhere
+        (weights,) = load_file(str(path)).values()
+        r = weights.shape[1]
+        assert r == len(path.parent.name.split("+")) and torch.allclose(weights, torch.full_like(weights, 1 / r))
+    md = (out / "results.md").read_text()
+    assert f"| 2 people | {UNROUTED_LABEL} |" in md and f"| 3 people | {UNROUTED_LABEL} |" in md
+    assert f"ours ({checkpoints['stage1'].name}), {UNROUTED_LABEL}" in md
+    assert_recognisers_never_mixed(md)
+    again = run_eval(tiny_world, checkpoints["stage1"], out, *opts)
+    assert again["reused_calls"] == 2 and again["generated_calls"] == 0
+    assert again["multi"]["3"]["face_sim"] == pytest.approx(res["multi"]["3"]["face_sim"])
 
 
 def test_missing_default_checkpoint_tells_to_run_make_demo(tiny_world, tmp_path, monkeypatch, capsys):
