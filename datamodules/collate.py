@@ -1,6 +1,7 @@
 """The batch collate of the face shard loader: per-sample items (`datamodules.loader`) -> one batch.
 
-Batch contract of :func:`collate_faces` (B samples, Nmax = most faces in the batch, at least 1)::
+Batch contract of :func:`collate_faces` (B samples, Nmax = most faces in the batch, at least 1; (H, W) is the
+training frame: (R, R), or one aspect-ratio bucket per batch with `datamodules.buckets`)::
 
     image       float (B, 3, H, W) in [-1, 1]
     caption     list[str]
@@ -15,6 +16,13 @@ Batch contract of :func:`collate_faces` (B samples, Nmax = most faces in the bat
     key         list[str]
     num_faces   long  (B,)
     skipped     long  (B,)
+    original_size long (B, 2)  (height, width) of each source image, before any crop or resize
+    crop_top_left long (B, 2)  (top, left) of the crop in the source image scaled to the training frame: the
+                               crop (x0, y0, cw, ch) resized to the frame (H, W) gives
+                               (round(y0 * H / ch), round(x0 * W / cw)) (diffusers' SDXL convention, crop
+                               after resize); negative when the crop starts beyond the image (zero padding).
+                               With the frame (H, W) as target size these are SDXL's added time ids;
+                               SD1.5 ignores them
     latents     float (B, C, H/f, W/f)  only with cached latents (StreamConfig.cached_latents): scaled VAE latents
     latent_scaling float64 (B,)       the VAE scaling factor each cached latent was made with
 """
@@ -52,12 +60,17 @@ def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch per-sample items into the batch contract (module docstring); faces padded to the batch maximum."""
     b = len(items)
     n_max = max(1, max(len(it["identity"]) for it in items))
-    res = items[0]["image"].shape[0]
+    h, w = items[0]["image"].shape[:2]
+    sizes = {tuple(it["image"].shape[:2]) for it in items}
+    if len(sizes) > 1:
+        raise ValueError(f"collate_faces: a batch mixes frame sizes {sorted(sizes)} (keys "
+                         f"{[it['key'] for it in items]}); bucketed samples must be batched per bucket "
+                         "(datamodules.buckets.batch_by_bucket)")
     clip_size = next((it["clip"].shape[1] for it in items if len(it["clip"])), FACE_RECOG_SIZE)
     image = uint8_to_unit(np.stack([it["image"] for it in items]))  # (B, 3, H, W)
     recog = torch.zeros(b, n_max, 3, FACE_RECOG_SIZE, FACE_RECOG_SIZE)  # (B, Nmax, 3, 112, 112)
     clip = torch.zeros(b, n_max, 3, clip_size, clip_size)  # (B, Nmax, 3, S, S)
-    masks = torch.zeros(b, n_max, res, res)  # (B, Nmax, H, W)
+    masks = torch.zeros(b, n_max, h, w)  # (B, Nmax, H, W)
     valid = torch.zeros(b, n_max, dtype=torch.bool)
     digest = torch.zeros(b, n_max, dtype=torch.long)
     identity: list[list[str | None]] = []
@@ -86,6 +99,8 @@ def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
         "key": [it["key"] for it in items],
         "num_faces": torch.tensor([len(it["identity"]) for it in items], dtype=torch.long),
         "skipped": torch.tensor([it["skipped"] for it in items], dtype=torch.long),
+        "original_size": torch.tensor([it["original_size"] for it in items], dtype=torch.long).view(b, 2),
+        "crop_top_left": torch.tensor([it["crop_top_left"] for it in items], dtype=torch.long).view(b, 2),
     } | _collate_latents(items)
 
 

@@ -5,6 +5,10 @@ Batches follow the contract of `datamodules.collate.collate_faces`. The same Dat
 multi-face data with all faces; `state_dict()` records the stage and the shard pattern so a resumed run restores
 them.
 
+Frames: square crops at `resolution` (SD1.5's 512), or with `buckets` (e.g. the ``sdxl_1024`` preset) one
+aspect-ratio bucket per sample and per batch (`datamodules.buckets`). Every batch carries SDXL's size
+conditioning (``original_size``, ``crop_top_left``) computed from the crop.
+
 Distributed: the rank and world size come from the attached trainer (else torch.distributed, else 0/1) when the
 dataloader is built; shards are shuffled identically on every rank (seed + epoch), split by rank, then by worker,
 so without `resampled` every sample is seen exactly once per epoch across ranks. Ranks may then get different
@@ -20,6 +24,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
+from datamodules.buckets import resolve_buckets
 from datamodules.loader import EpochLoader, FaceShardDataset, StreamConfig, make_loader, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,10 @@ class FaceShardDataModule(pl.LightningDataModule):
         cached_latents: read the VAE latents cached in the shards (`python -m datamodules.latent_cache`) instead
             of letting the module encode images; crops are the cached ones, so `random_crop` must be False.
             Samples without a latent for `resolution` are skipped, counted and logged.
+        buckets: aspect-ratio buckets (`datamodules.buckets`): a preset name (``"sdxl_1024"``) or a list of
+            [h, w]; each sample is cropped (faces kept, as the square crop) to the bucket closest to its aspect
+            ratio and every batch holds one bucket (images (B, 3, h, w)); `resolution` is then unused. None
+            (default): square crops at `resolution`. Not combinable with `cached_latents` (square caches).
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class FaceShardDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         prefetch_factor: int | None = None,
         cached_latents: bool = False,
+        buckets: str | list[list[int]] | None = None,
     ) -> None:
         super().__init__()
         if max_faces < 1:
@@ -83,6 +93,10 @@ class FaceShardDataModule(pl.LightningDataModule):
         if cached_latents and random_crop:
             raise ValueError("data.cached_latents=true needs data.random_crop=false: the cached latents are of one "
                              "fixed crop per image (see datamodules/latent_cache.py)")
+        if cached_latents and buckets is not None:
+            raise ValueError("data.cached_latents=true cannot be combined with data.buckets: the cached latents are "
+                             "of one square crop per image (see datamodules/latent_cache.py)")
+        self.buckets = resolve_buckets(buckets)  # raises naming a bad preset or bucket
         if prefetch_factor is not None and (prefetch_factor < 1 or num_workers == 0):
             raise ValueError(f"prefetch_factor={prefetch_factor} needs num_workers > 0 (got {num_workers}) "
                              "and must be >= 1")
@@ -154,6 +168,7 @@ class FaceShardDataModule(pl.LightningDataModule):
             epoch_batches=self.epoch_length if training else None,
             batch_size=self.batch_size,
             cached_latents=self.cached_latents,
+            buckets=self.buckets,
         )
 
     def train_dataloader(self) -> EpochLoader:

@@ -15,12 +15,20 @@ writes, for every input shard, a shard of the same name under --out holding each
 | ``box``          | int64 (3,): the crop (x0, y0, side) in pixels of ``jpg``                    |
 | ``resolution``   | int64: R, the side the crop was resized to before encoding                  |
 | ``scaling_factor``| float64: the VAE's scaling factor                                          |
+| ``original_size``| int64 (2,): (H, W) of ``jpg`` (SDXL's size conditioning, datamodules/collate.py) |
+| ``crop_top_left``| int64 (2,): (top, left) of the crop scaled to the R x R frame              |
 
 The crop is the deterministic evaluation square over *all* faces (`transforms.centre_square`), stored so
 the loader crops image and masks with the same box in both stages (stage 1 keeps one face, which would
 otherwise move the square). Training with ``data.cached_latents=true`` therefore uses this fixed crop
 (``data.random_crop`` must be false) and reads the latent instead of running the VAE. Samples that
 cannot be decoded are copied through without a latent and counted; the loader then skips them.
+
+Caches written before 2026-12-07 lack ``original_size`` / ``crop_top_left``. Both follow exactly from the
+stored ``box``, ``resolution`` and the image in the shard, so the loader derives them (`size_conditioning`),
+logs the first such sample per worker naming its shard, and counts them in a log line at the end of the pass;
+re-running the cache adds the fields. Stored fields that disagree with the box and image (an image replaced
+after caching) make the sample a counted skip naming the shard.
 
 The command is `uniportrait-latent-cache` (src/cli/latent_cache.py); this module is its library.
 """
@@ -34,7 +42,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from datamodules.schema import LATENT_KEY, CachedLatent, SampleError, decode_sample, encode_latent
+from datamodules.schema import LATENT_KEY, CachedLatent, Sample, SampleError, decode_sample, encode_latent
 from datamodules.transforms import centre_square, crop_and_resize
 from src.conventions import uint8_to_unit, vae_latents
 
@@ -57,15 +65,16 @@ def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int, batc
     """Copy one shard to `out`, adding `latent.npz` to every decodable sample; returns counts."""
     device = torch.device(device)
     counts = {"cached": 0, "copied_without_latent": 0}
-    pending: list[tuple[dict, tuple[int, int, int], np.ndarray]] = []
+    pending: list[tuple[dict, tuple[int, int, int], Sample]] = []  # (raw, box, cropped sample)
     tmp = out.with_name(out.name + ".tmp")
     with wds.TarWriter(str(tmp)) as sink:
         def flush() -> None:
             if not pending:
                 return
-            latents = _encode(vae, [p[2] for p in pending], device)
-            for (raw, box, _), z in zip(pending, latents):
-                cached = CachedLatent(z, box, resolution, float(vae.config.scaling_factor))
+            latents = _encode(vae, [p[2].image for p in pending], device)
+            for (raw, box, cropped), z in zip(pending, latents):
+                cached = CachedLatent(z, box, resolution, float(vae.config.scaling_factor),
+                                      cropped.extra["original_size"], cropped.extra["crop_top_left"])
                 sink.write({**raw, LATENT_KEY: encode_latent(cached)})
             counts["cached"] += len(pending)
             pending.clear()
@@ -80,13 +89,27 @@ def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int, batc
                 counts["copied_without_latent"] += 1
                 continue
             box = centre_square(sample)
-            image = crop_and_resize(sample, *box, resolution).image  # uint8 (R, R, 3)
-            pending.append((raw, box, image))
+            pending.append((raw, box, crop_and_resize(sample, *box, resolution)))  # image uint8 (R, R, 3)
             if len(pending) >= batch_size:
                 flush()
         flush()
     tmp.replace(out)  # a killed run never leaves a half-written shard under the final name
     return counts
+
+
+def size_conditioning(cached: CachedLatent, original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                      where: str) -> bool:
+    """Check a cached latent's stored ``original_size`` / ``crop_top_left`` against the ones derived from the
+    image and the latent's box (`transforms.crop_and_resize`). Returns False when the cache predates the
+    fields (the derived values are then the ones to use); raises SampleError naming `where` when they differ."""
+    if cached.original_size is None or cached.crop_top_left is None:
+        return False
+    derived = (tuple(original_size), tuple(crop_top_left))
+    if (tuple(cached.original_size), tuple(cached.crop_top_left)) != derived:
+        raise SampleError(f"{where}: field '{LATENT_KEY}' has original_size {cached.original_size} and "
+                          f"crop_top_left {cached.crop_top_left}, but the image and box give {derived[0]} and "
+                          f"{derived[1]}: the image changed after caching; re-run python -m datamodules.latent_cache")
+    return True
 
 
 def load_vae(path: str | Path) -> torch.nn.Module:

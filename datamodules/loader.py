@@ -5,6 +5,7 @@ Per worker, the stream is::
     shard URLs --(seeded shard shuffle, identical on every rank)--> split by rank --> split by worker
       (or, resampled: an endless seeded draw of shards per rank and worker)
     --> tar samples --> seeded shuffle buffer --> decode_sample --> face selection --> crop --> item
+      (with buckets: --> per-bucket buffers --> batch of items)
 
 Stage 1 (``multi_id=False``) keeps the largest face; with probability ``p_other_reference`` its recognition crop
 is replaced by a recent crop of the same identity from another image (a small per-worker cache), while the CLIP
@@ -20,6 +21,12 @@ saved by Lightning in the fit loop's checkpoint state). A resumed loader skips t
 deterministic stream, so the next batch is the one the interrupted run would have trained on. Workers take
 the logical id ``(worker + skipped batches) % num_workers`` so the DataLoader's round-robin over workers
 continues where it stopped.
+
+Aspect-ratio buckets (``StreamConfig.buckets``, `datamodules.buckets`): each sample is cropped to the bucket
+closest to its aspect ratio and the worker groups items into batches of one bucket (a buffer per bucket,
+partial buffers flushed at the end of the pass), so the dataset then yields whole batches (lists of items;
+the DataLoader runs without its own batching) and its per-worker cap and resume skip count batches, as the
+DataLoader's round-robin does.
 
 Items are batched by :func:`datamodules.collate.collate_faces` (the batch contract is in that module); the
 sample checks are in `datamodules.checks`.
@@ -38,8 +45,10 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from datamodules.buckets import Bucket, batch_by_bucket, nearest_bucket
 from datamodules.checks import check_arrays, latent_problem
 from datamodules.collate import collate_faces
+from datamodules.latents import size_conditioning
 from datamodules.schema import Sample, SampleError, decode_sample
 from datamodules.transforms import crop_and_resize, eval_face_crop, random_face_crop
 from src.paths import is_local
@@ -116,6 +125,7 @@ class StreamConfig:
     cache_per_identity: int = 4
     cache_identities: int = 1024
     cached_latents: bool = False  # read `latent.npz` (datamodules.latent_cache) and crop with its box
+    buckets: tuple[Bucket, ...] | None = None  # (h, w) frames (datamodules.buckets); None: R x R squares
 
 
 class SkipCounter:
@@ -184,25 +194,29 @@ def select_faces(sample: Sample, keep: int) -> tuple[Sample, int]:
 def sample_to_item(sample: Sample, cfg: StreamConfig, rng: np.random.Generator, training: bool) -> dict[str, Any]:
     """Crop/resize a selected Sample into the per-sample item that `collate_faces` batches.
 
+    The frame is (resolution, resolution), or with buckets the bucket closest to the image's aspect ratio.
     With cached latents the crop is the cached latent's box (the one it was encoded from), so image, masks
     and latent agree; the item then carries `latents` (C, R/f, R/f) and `latent_scaling`.
     """
     cached = sample.extra.get("latent") if cfg.cached_latents else None
+    size: int | Bucket = nearest_bucket(*sample.image.shape[:2], cfg.buckets) if cfg.buckets else cfg.resolution
     if cached is not None:
         sample = crop_and_resize(sample, *cached.box, cfg.resolution)
     elif training and cfg.random_crop:
-        sample = random_face_crop(sample, cfg.resolution, rng, cfg.min_crop_scale)
+        sample = random_face_crop(sample, size, rng, cfg.min_crop_scale)
     else:
-        sample = eval_face_crop(sample, cfg.resolution)
+        sample = eval_face_crop(sample, size)
     item = {
-        "image": sample.image,  # uint8 (R, R, 3)
+        "image": sample.image,  # uint8 (h, w, 3)
         "caption": sample.caption,
         "recog": sample.recog,  # uint8 (n, 112, 112, 3)
         "clip": sample.clip,  # uint8 (n, S, S, 3)
-        "masks": sample.masks,  # uint8 (n, R, R)
+        "masks": sample.masks,  # uint8 (n, h, w)
         "identity": [f.identity for f in sample.faces],
         "reference_key": [sample.key] * len(sample.faces),
         "key": sample.key,
+        "original_size": sample.extra["original_size"],  # (H, W) of the source image
+        "crop_top_left": sample.extra["crop_top_left"],  # (top, left) of the crop, scaled to the frame
     }
     if cached is not None:
         item["latents"] = cached.latent  # float16 (C, R/f, R/f)
@@ -272,10 +286,10 @@ class FaceShardDataset(IterableDataset):
         self.skip_batches = int(batches)
 
     def __len__(self) -> int:
-        """Samples per epoch on this rank; only defined with a fixed epoch length."""
+        """Elements per epoch on this rank (samples; batches with buckets); only with a fixed epoch length."""
         if self.cfg.epoch_batches is None:
             raise TypeError("FaceShardDataset has no length without epoch_length")
-        return self.cfg.epoch_batches * self.cfg.batch_size
+        return self.cfg.epoch_batches * self._per_batch()
 
     def _shards(self, worker: int, num_workers: int) -> Iterator[dict[str, str]]:
         """Shard URLs of (logical) `worker`: an endless seeded draw (resampled) or its split of this rank's share."""
@@ -310,19 +324,23 @@ class FaceShardDataset(IterableDataset):
                 raise RuntimeError(f"{empty_in_a_row} shards in a row held no readable sample (last: "
                                    f"{shard['url']!r}); check the shard pattern")
 
+    def _per_batch(self) -> int:
+        """Dataset elements per batch: items, or 1 with buckets (the dataset yields whole batches)."""
+        return 1 if self.cfg.buckets else self.cfg.batch_size
+
     def _worker_cap(self, worker: int, num_workers: int) -> int | None:
-        """Samples this worker yields per epoch: its share of the rank's batches, times the batch size."""
+        """Elements this worker yields per epoch: its share of the rank's batches, times `_per_batch`."""
         if self.cfg.epoch_batches is None:
             return None
         e = self.cfg.epoch_batches
-        return (e // num_workers + (1 if worker < e % num_workers else 0)) * self.cfg.batch_size
+        return (e // num_workers + (1 if worker < e % num_workers else 0)) * self._per_batch()
 
     def _worker_skip(self, worker: int, num_workers: int) -> int:
-        """Items (logical) `worker` skips on resume: its round-robin share of the consumed batches."""
+        """Elements (logical) `worker` skips on resume: its round-robin share of the consumed batches."""
         k = self.skip_batches
-        return (k // num_workers + (1 if worker < k % num_workers else 0)) * self.cfg.batch_size
+        return (k // num_workers + (1 if worker < k % num_workers else 0)) * self._per_batch()
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any] | list[dict[str, Any]]]:
         cfg = self.cfg
         physical, num_workers = worker_info()
         # after k consumed batches the DataLoader restarts its round-robin at physical worker 0, which must
@@ -335,9 +353,10 @@ class FaceShardDataset(IterableDataset):
         if self.training and cfg.shuffle and cfg.shuffle_buffer > 1:
             raw = _seeded_shuffle(raw, cfg.shuffle_buffer, rng)
         items = _carry_tail_skips(self._items(raw, rng, counter, where), counter)
+        elements = batch_by_bucket(items, cfg.batch_size) if cfg.buckets else items
         cap = self._worker_cap(worker, num_workers)
         # resume: replay (decode, crop, draw) and drop the consumed items so every RNG is where it was
-        yield from islice(items, self._worker_skip(worker, num_workers), cap)
+        yield from islice(elements, self._worker_skip(worker, num_workers), cap)
         if counter.total:
             log.info("%s: %d sample(s) skipped this epoch", where, counter.total)
 
@@ -347,7 +366,7 @@ class FaceShardDataset(IterableDataset):
         cfg = self.cfg
         keep = cfg.max_faces if cfg.multi_id else 1
         cache = ReferenceCache(cfg.cache_per_identity, cfg.cache_identities)
-        warned_drop = False
+        warned_drop, derived = False, 0
         for r in raw:
             try:
                 sample = decode_sample(r)
@@ -363,9 +382,20 @@ class FaceShardDataset(IterableDataset):
                 if reason:
                     counter.skip(f"{r.get('__url__', '?')}:{sample.key}: {reason}")
                     continue
+            url = r.get("__url__", "?")
             try:  # geometry that decodes but cannot be used (e.g. a box of 2 numbers) is bad data, not a crash
                 sample, dropped = select_faces(sample, keep)
                 item = sample_to_item(sample, cfg, rng, self.training)
+                if cfg.cached_latents and not size_conditioning(
+                        sample.extra["latent"], item["original_size"], item["crop_top_left"], f"{url}:{sample.key}"):
+                    derived += 1
+                    if derived == 1:
+                        log.warning("%s: %s predates the cached original_size/crop_top_left; deriving them from "
+                                    "the stored crop box (re-run python -m datamodules.latent_cache to store them)",
+                                    where, url)
+            except SampleError as e:
+                counter.skip(str(e))
+                continue
             except (ValueError, IndexError, TypeError) as e:
                 counter.skip(f"{r.get('__url__', '?')}:{sample.key}: unusable faces/masks ({type(e).__name__}: {e})")
                 continue
@@ -377,6 +407,9 @@ class FaceShardDataset(IterableDataset):
                 swap_reference(item, cache, cfg.p_other_reference, rng)
             item["skipped"] = counter.take()
             yield item
+        if derived:
+            log.info("%s: %d cached latent(s) without stored size conditioning (derived from their box)", where,
+                     derived)
 
 
 # ---------------------------------------------------------------------------------------------- loader
@@ -438,9 +471,11 @@ def make_loader(
     position_source: Callable[[], int] | None = None, pin_memory: bool = False, prefetch_factor: int | None = None,
 ) -> EpochLoader:
     """The DataLoader over a FaceShardDataset with `collate_faces` (no sampler: the dataset splits itself).
+    With buckets the dataset yields whole batches, so the DataLoader does not batch (batch_size=None).
     Workers are not persistent (see EpochLoader); `prefetch_factor` applies only with workers."""
     return EpochLoader(
-        dataset, epoch_source=epoch_source, position_source=position_source, batch_size=batch_size,
+        dataset, epoch_source=epoch_source, position_source=position_source,
+        batch_size=None if dataset.cfg.buckets else batch_size,
         num_workers=num_workers, collate_fn=collate_faces, persistent_workers=False, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )

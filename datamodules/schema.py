@@ -17,7 +17,9 @@ One sample = files sharing a ``__key__`` inside a tar shard:
 
 | ``latent.npz``| optional (``datamodules.latent_cache``): ``latent`` float16 (C, R/f, R/f), the  |
 |               | scaled VAE latent of the crop ``box`` (x0, y0, side) resized to ``resolution``;  |
-|               | ``scaling_factor`` of the VAE; decoded into ``Sample.extra["latent"]``           |
+|               | ``scaling_factor`` of the VAE; ``original_size`` (H, W) and ``crop_top_left``   |
+|               | (top, left), SDXL's size conditioning of that crop (absent in caches written    |
+|               | before 2026-12-07); decoded into ``Sample.extra["latent"]``                      |
 
 Readers ignore unknown extensions.
 Every face in ``faces.json`` has one mask and one crop of each kind, in the same order.
@@ -82,11 +84,25 @@ class CachedLatent:
     box: tuple[int, int, int]  # (x0, y0, side) in pixels of the full image
     resolution: int  # the crop was resized to (resolution, resolution) before encoding
     scaling_factor: float
+    original_size: tuple[int, int] | None = None  # (H, W) of the full image; None: a cache without it
+    crop_top_left: tuple[int, int] | None = None  # (top, left) of the crop scaled to the frame (datamodules.collate)
 
 
 def encode_latent(c: CachedLatent) -> bytes:
+    sizes = {} if c.original_size is None or c.crop_top_left is None else {
+        "original_size": np.asarray(c.original_size, np.int64), "crop_top_left": np.asarray(c.crop_top_left, np.int64)}
     return _npz_bytes(latent=c.latent.astype(np.float16), box=np.asarray(c.box, np.int64),
-                      resolution=np.int64(c.resolution), scaling_factor=np.float64(c.scaling_factor))
+                      resolution=np.int64(c.resolution), scaling_factor=np.float64(c.scaling_factor), **sizes)
+
+
+def _pair(f: Any, name: str, where: str) -> tuple[int, int] | None:
+    """An optional int64 (2,) array of a latent.npz as a pair (None when absent)."""
+    if name not in f.files:
+        return None
+    v = f[name]
+    if v.shape != (2,):
+        raise SampleError(f"{where}: field '{LATENT_KEY}' has {name} of shape {v.shape}; expected (2,)")
+    return int(v[0]), int(v[1])
 
 
 def decode_latent(data: bytes, where: str) -> CachedLatent:
@@ -94,12 +110,15 @@ def decode_latent(data: bytes, where: str) -> CachedLatent:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             latent, box = f["latent"], f["box"]
             resolution, scale = int(f["resolution"]), float(f["scaling_factor"])
+            sizes = _pair(f, "original_size", where), _pair(f, "crop_top_left", where)
+    except SampleError:
+        raise
     except Exception as e:
         raise SampleError(f"{where}: field '{LATENT_KEY}' is unreadable ({e})") from e
     if latent.ndim != 3 or box.shape != (3,) or not np.isfinite(latent).all():
         raise SampleError(f"{where}: field '{LATENT_KEY}' holds a latent of shape {latent.shape} and box "
                           f"{box.shape}; expected (C, h, w), finite, and (3,)")
-    return CachedLatent(latent, (int(box[0]), int(box[1]), int(box[2])), resolution, scale)
+    return CachedLatent(latent, (int(box[0]), int(box[1]), int(box[2])), resolution, scale, *sizes)
 
 
 def encode_sample(s: Sample, jpeg_quality: int = 95) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import webdataset as wds
 
 from datamodules.datamodule import FaceShardDataModule
 from datamodules.latents import load_vae
-from datamodules.schema import LATENT_KEY, decode_sample, encode_sample
+from datamodules.schema import LATENT_KEY, decode_sample, encode_latent, encode_sample
 from src.cli.latent_cache import main
 from src.models.id_embedding import QFormerSpec
 from src.module import UniPortraitModule
@@ -124,3 +124,52 @@ def test_cached_latents_need_the_fixed_crop_and_a_real_vae(tiny_world, tmp_path)
         FaceShardDataModule("x.tar", cached_latents=True)
     with pytest.raises(FileNotFoundError, match="no diffusers VAE"):
         load_vae(tmp_path)
+
+
+def _rewrite_latents(src: Path, dst: Path, change) -> Path:
+    """A copy of a cached shard whose latent.npz is `change(CachedLatent)`."""
+    with wds.TarWriter(str(dst)) as sink:
+        for raw in wds.tarfile_to_samples()([{"url": str(src)}]):
+            cached = decode_sample(raw).extra["latent"]
+            sink.write({k: v for k, v in raw.items() if not k.startswith("__url")} |
+                       {LATENT_KEY: encode_latent(change(cached))})
+    return dst
+
+
+def test_cached_latents_store_size_conditioning_and_older_caches_derive_it(cached, tmp_path, caplog):
+    """latent.npz holds original_size = the jpg's (H, W) and crop_top_left = the box (x0, y0, side) scaled to
+    the 64-px frame; batches carry them. A cache without them (written before the fields existed) gives the
+    same values, derived from the box, with a warning naming the shard; a cache whose stored values disagree
+    with its image is skipped and counted."""
+    stored = {}
+    for raw in wds.tarfile_to_samples()([{"url": str(cached["out"])}]):
+        s = decode_sample(raw)
+        c = s.extra["latent"]
+        x0, y0, side = c.box
+        assert c.original_size == s.image.shape[:2] == (64, 112)  # the widened canvas
+        assert c.crop_top_left == (round(y0 * 64 / side), round(x0 * 64 / side))
+        stored[s.key] = (c.original_size, c.crop_top_left)
+    assert any(left > 0 for _, (_, left) in stored.values())  # some crops start right of the image's left edge
+    got = loader_batches(str(cached["out"]), True, cached_latents=True)
+    for b in got:
+        for i, key in enumerate(b["key"]):
+            assert (tuple(b["original_size"][i].tolist()), tuple(b["crop_top_left"][i].tolist())) == stored[key]
+
+    legacy = _rewrite_latents(cached["out"], tmp_path / "legacy-000000.tar",
+                              lambda c: replace(c, original_size=None, crop_top_left=None))
+    with caplog.at_level(logging.WARNING):
+        old = loader_batches(str(legacy), True, cached_latents=True)
+    assert [b["key"] for b in old] == [b["key"] for b in got]
+    for a, b in zip(old, got):
+        assert torch.equal(a["original_size"], b["original_size"]) and torch.equal(a["crop_top_left"],
+                                                                                   b["crop_top_left"])
+    assert any("legacy-000000.tar predates the cached original_size/crop_top_left" in r.getMessage()
+               for r in caplog.records)
+
+    caplog.clear()
+    moved = _rewrite_latents(cached["out"], tmp_path / "moved-000000.tar",
+                             lambda c: replace(c, crop_top_left=(c.crop_top_left[0], c.crop_top_left[1] + 1)))
+    with caplog.at_level(logging.WARNING):
+        assert loader_batches(str(moved), True, cached_latents=True) == []
+    assert any("moved-000000.tar" in r.getMessage() and "the image changed after caching" in r.getMessage()
+               for r in caplog.records)

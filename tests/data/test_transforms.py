@@ -7,7 +7,14 @@ import pytest
 from datamodules.schema import Face, Sample
 from datamodules.synthetic.canonical import FaceCache
 from datamodules.synthetic.scene import box_to_mask, render_sample
-from datamodules.transforms import centre_square, eval_face_crop, random_face_crop, random_square
+from datamodules.transforms import (
+    centre_square,
+    centre_window,
+    eval_face_crop,
+    random_face_crop,
+    random_square,
+    random_window,
+)
 
 COLOURS = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
 
@@ -30,12 +37,14 @@ def painted_sample(h: int, w: int, boxes: list[list[float]]) -> Sample:
                   recog=np.zeros((n, 112, 112, 3), np.uint8), clip=np.zeros((n, 112, 112, 3), np.uint8))
 
 
-def check_consistent(out: Sample, res: int) -> None:
-    """Faces inside the frame; each mask is its box (pixel-centre rule, +-1 px); mask pixels keep the face colour."""
-    assert out.image.shape == (res, res, 3) and out.masks.shape == (len(out.faces), res, res)
+def check_consistent(out: Sample, res: int | tuple[int, int]) -> None:
+    """Faces inside the frame (R x R or a bucket (h, w)); each mask is its box (pixel-centre rule, +-1 px), so
+    it covers the box; mask pixels keep the face colour."""
+    fh, fw = (res, res) if isinstance(res, int) else res
+    assert out.image.shape == (fh, fw, 3) and out.masks.shape == (len(out.faces), fh, fw)
     for i, (f, m) in enumerate(zip(out.faces, out.masks)):
         x0, y0, x1, y1 = f.box
-        assert -1e-6 <= x0 < x1 <= res + 1e-6 and -1e-6 <= y0 < y1 <= res + 1e-6, f.box
+        assert -1e-6 <= x0 < x1 <= fw + 1e-6 and -1e-6 <= y0 < y1 <= fh + 1e-6, f.box
         ys, xs = np.nonzero(m)
         assert abs(xs.min() - x0) <= 1 and abs(xs.max() + 1 - x1) <= 1, (xs.min(), xs.max(), f.box)
         assert abs(ys.min() - y0) <= 1 and abs(ys.max() + 1 - y1) <= 1, (ys.min(), ys.max(), f.box)
@@ -110,3 +119,68 @@ def test_no_faces_still_crops() -> None:
     s = painted_sample(50, 80, [])
     out = random_face_crop(s, 32, np.random.default_rng(0))
     assert out.image.shape == (32, 32, 3) and out.masks.shape == (0, 32, 32)
+
+
+# ------------------------------------------------------------------------------- SDXL size conditioning
+def test_square_crop_records_original_size_and_scaled_crop_top_left() -> None:
+    """(x0, y0, side) resized to R: original_size = (H, W), crop_top_left = (round(y0 R / side), round(x0 R / side))."""
+    t = painted_sample(60, 200, [[5.0, 10.0, 30.0, 40.0]])  # centre square (5, 0, 60), resized 60 -> 48
+    out = eval_face_crop(t, 48)
+    assert out.extra["original_size"] == (60, 200)
+    assert out.extra["crop_top_left"] == (0, 4)  # (0 * 48/60, 5 * 48/60)
+    # faces wider than the short side: the square (2, -78, 196) starts 78 px above the image (zero padding)
+    w = painted_sample(40, 200, [[2.0, 5.0, 30.0, 35.0], [170.0, 4.0, 198.0, 36.0]])
+    assert centre_square(w) == (2, -78, 196)
+    out = eval_face_crop(w, 98)  # scale 98 / 196 = 1/2
+    assert out.extra["original_size"] == (40, 200) and out.extra["crop_top_left"] == (-39, 1)
+    check_consistent(out, 98)
+
+
+def test_bucket_crop_keeps_the_bucket_aspect_and_maps_faces() -> None:
+    """Eval window of aspect 1:2 in a 100 x 180 image with a face at [50, 20, 80, 60]: the widest fitting
+    window is 180 x 90, centred at y0 = 5; resized to the bucket (48, 96) by 96 / 180 in both axes."""
+    s = painted_sample(100, 180, [[50.0, 20.0, 80.0, 60.0]])
+    assert centre_window(s, (48, 96)) == (0, 5, 180, 90)
+    out = eval_face_crop(s, (48, 96))
+    assert out.extra["original_size"] == (100, 180)
+    assert out.extra["crop_top_left"] == (3, 0)  # round(5 * 48 / 90) = round(2.67)
+    k = 96 / 180
+    np.testing.assert_allclose(out.faces[0].box, [50 * k, 15 * k, 80 * k, 55 * k])
+    check_consistent(out, (48, 96))
+
+
+def test_bucket_crop_beyond_the_image_pads_and_gives_negative_crop_top_left() -> None:
+    """A face 90 px high needs a 1:2 window 180 wide, wider than the 120-px image: the window (-65, 5, 180, 90)
+    is centred on the face (x from -65 to 115) and zero-padded on the left; the face is not cut."""
+    s = painted_sample(100, 120, [[10.0, 5.0, 40.0, 95.0]])
+    assert centre_window(s, (48, 96)) == (-65, 5, 180, 90)
+    out = eval_face_crop(s, (48, 96))
+    assert out.extra["original_size"] == (100, 120)
+    assert out.extra["crop_top_left"] == (3, -35)  # (round(5 * 48/90), round(-65 * 96/180) = round(-34.67))
+    np.testing.assert_allclose(out.faces[0].box, [40.0, 0.0, 56.0, 48.0])  # (10 + 65) * 96/180 = 40, ...
+    check_consistent(out, (48, 96))
+    assert (out.image[:, :34] == 0).all()  # 65 px beyond the image = 34.7 output columns of padding
+    assert (out.image[:, 36:] != 0).any(-1).all()  # the image itself (grey or face colour) from there on
+
+
+@pytest.mark.parametrize("bucket", [(48, 96), (96, 48), (64, 64), (40, 56)])
+def test_random_bucket_crops_keep_faces_and_agree_with_crop_top_left(bucket: tuple[int, int]) -> None:
+    """Random windows of the bucket's aspect: faces inside, masks cover their boxes, and every output
+    coordinate is the source one scaled minus crop_top_left (+-0.5 px of the rounding)."""
+    s = painted_sample(160, 200, [[20.0, 30.0, 45.0, 62.0], [60.0, 25.0, 82.0, 55.0]])
+    rng = np.random.default_rng(0)
+    windows = set()
+    for _ in range(25):
+        windows.add(random_window(s, rng, bucket, 0.4))
+        out = random_face_crop(s, bucket, rng, 0.4)
+        check_consistent(out, bucket)
+        assert out.extra["original_size"] == (160, 200)
+        top, left = out.extra["crop_top_left"]
+        for src, dst in zip(s.faces, out.faces):
+            kx = (dst.box[2] - dst.box[0]) / (src.box[2] - src.box[0])
+            ky = (dst.box[3] - dst.box[1]) / (src.box[3] - src.box[1])
+            assert abs(dst.box[0] - (src.box[0] * kx - left)) <= 0.5 + 1e-6
+            assert abs(dst.box[1] - (src.box[1] * ky - top)) <= 0.5 + 1e-6
+    assert len(windows) > 5
+    for _, _, cw, ch in windows:  # the window has the bucket's aspect (up to rounding the height)
+        assert abs(ch - cw * bucket[0] / bucket[1]) <= 0.5
