@@ -59,7 +59,7 @@ guard-control: tiny  ## stage 2 from stage 1's last.ckpt without the routing los
 # CI (.ci/run): `make -j3 ci-tests ci-guard` after `make tiny` runs the tests beside the shortened demo; once
 # stage 1 is trained, stage 2 and the control (both start from its checkpoint) run side by side too.
 # `-o tiny`: the world is built, so the guard's jobs do not re-run `src.tiny`.
-ci-tests:  ## make test, then make test-slow
+ci-tests: browser  ## make test, then make test-slow (with the browser of the web demo's test)
 	$(MAKE) test
 	$(MAKE) test-slow
 
@@ -73,6 +73,12 @@ test: install  ## fast test suite (slow tests excluded)
 
 test-slow: tiny  ## only the slow tests (end-to-end runs, some on make tiny's world; .ci/run runs them after `make test`)
 	$(PY) -m pytest -q -m slow
+
+# The web demo's browser test (tests/web/test_web_browser.py) drives Debian's headless Chromium through its
+# chromedriver (nothing downloads a browser); without them it skips. Needs root for apt-get (CI runs as root).
+browser:  ## Debian's chromium + chromium-driver for the browser test (skipped when both are installed)
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "chromium and chromedriver: installed"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 
 test-all: tiny  ## everything, slow tests included (builds make tiny's world first)
 	$(PY) -m pytest -q

@@ -18,7 +18,7 @@ ALIASES = {
     "src.export": "src.cli.export", "src.guard": "src.cli.guard", "src.bench": "src.cli.bench",
     "src.bench_sd15": "src.cli.bench_sd15", "src.tiny.__main__": "src.cli.tiny",
     "datamodules.prepare.__main__": "src.cli.prepare", "datamodules.synthetic.__main__": "src.cli.synthetic",
-    "datamodules.latent_cache": "src.cli.latent_cache",
+    "datamodules.latent_cache": "src.cli.latent_cache", "src.app": "src.cli.app",
 }
 
 
