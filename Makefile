@@ -21,7 +21,7 @@ TRAIN_ARGS ?=
 CI_TRAIN_ARGS ?= --trainer.max_steps=200 --torch_threads=1
 
 .PHONY: install lint tiny tiny-assets demo train-tiny train-tiny-stage2 guard guard-control ci-tests ci-guard test \
-	test-slow test-all bench bench-gpu eval clean
+	test-slow browser test-all bench bench-gpu full-size eval clean
 
 install: $(VENV)/.installed  ## create .venv and install the project with pinned versions
 
@@ -91,8 +91,15 @@ bench: tiny  ## the tiny preset's CPU training step, then (with CUDA) the SD1.5-
 bench-gpu:  ## the SD1.5-scale benchmark alone on a CUDA device (compiled rows, batch 64 with gradient checkpointing)
 	$(PY) -m src.bench_sd15 --compile --big-batch 64
 
-eval: install
-	$(PY) -m src.evaluate
+# The stage configs' own commands (`python -m src.train fit --config configs/stage1.yaml`, then stage2.yaml, generate,
+# export) at SD1.5 size on the CPU, on random weights: 2 steps per stage, batch 1, two threads per command. Needs
+# ~9 GB of disk for the components (written once, kept) and ~14 GB of RAM; run nothing else beside it.
+FULL_SIZE ?= artifacts/full-size
+full-size: install  ## SD1.5-size random-weight components, both stage configs, generate and export on the CPU, timed into $(FULL_SIZE)/report.json
+	$(PY) -m src.cli.full_size --out $(FULL_SIZE) --threads 2
+
+eval: install  ## the benchmark (single-ID, 2/3/4-person splits); options: make eval EVAL_ARGS="--checkpoint ..."
+	$(PY) -m src.evaluate $(EVAL_ARGS)
 
 clean:
 	rm -rf artifacts runs lightning_logs .pytest_cache
