@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from src.conventions import vae_latents
 from src.models import adapters
 from src.models.adapters import MULTI, SINGLE
+from src.models.conditioning import TextConditioning, batch_added_conditions, encode_prompt
 from src.models.context import FaceIDContext, RoutingRecord
 from src.models.id_embedding import IDEmbedding, QFormerSpec
 from src.models.identity_encoder import FeatureCache, IdentityEncoder
@@ -136,9 +137,10 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
 
         self.frozen_dtype = parse_frozen_dtype(frozen_dtype)
         nets = components.build()
-        cast_frozen((nets.unet, nets.vae, nets.text_encoder, nets.face, nets.clip), self.frozen_dtype)
+        cast_frozen((nets.unet, nets.vae, *nets.text_encoders, nets.face, nets.clip), self.frozen_dtype)
         self.unet, self.vae, self.text_encoder = nets.unet, nets.vae, nets.text_encoder
         self.tokenizer, self.scheduler = nets.tokenizer, nets.scheduler
+        self.text_encoder_2, self.tokenizer_2 = nets.text_encoder_2, nets.tokenizer_2  # SDXL's; None on SD1.5
         cross_dim = self.unet.config.cross_attention_dim
         embedding = IDEmbedding(
             id_dim=nets.face.intrinsic_dim,
@@ -200,7 +202,7 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
 
     def train(self, mode: bool = True) -> UniPortraitModule:
         super().train(mode)
-        for frozen in (self.vae, self.text_encoder):
+        for frozen in filter(None, (self.vae, self.text_encoder, self.text_encoder_2)):
             frozen.eval()
         if self.stage == 2:
             self.identity.embedding.eval()  # frozen in stage 2: no DropToken / DropPath
@@ -262,13 +264,13 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
             return vae_latents(self.vae, image)
 
     @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+    def encode_prompt(self, captions: list[str]) -> TextConditioning:
+        """Text states (B, 77, D) and, on SDXL, the pooled embedding (B, P) (src/models/conditioning.py)."""
         with self.autocast():
-            return self.text_encoder(ids)[0]  # (B, 77, D)
+            return encode_prompt(captions, (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2))
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        return self.encode_prompt(captions).hidden  # (B, 77, D)
 
     def identity_tokens(
         self, recog: torch.Tensor, clip_crop: torch.Tensor, valid: torch.Tensor, drop: torch.Tensor | None = None,
@@ -304,9 +306,10 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
             record=record,
         )
 
-    def _denoise(self, noisy, t, text, ctx) -> torch.Tensor:
-        with self.autocast():
-            return self.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs={"faceid": ctx}).sample
+    def _denoise(self, noisy, t, text, ctx, added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        with self.autocast():  # added: SDXL's added_cond_kwargs (None on SD1.5)
+            return self.unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs=added,
+                             cross_attention_kwargs={"faceid": ctx}).sample
 
     def autocast(self):
         """Autocast to `model.frozen_dtype` around a forward when the frozen weights are not fp32 (else a no-op)."""
@@ -340,7 +343,8 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
 
     def shared_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         latents = self.batch_latents(batch)  # (B, 4, h, w)
-        text = self.encode_text(batch["caption"])
+        prompt = self.encode_prompt(batch["caption"])
+        text, added = prompt.hidden, batch_added_conditions(prompt, batch)  # added: None on SD1.5
         valid = batch["face_valid"]
         drop = None
         if self.training and self.stage == 1 and self.hparams.p_drop_face > 0:
@@ -348,7 +352,7 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         tokens = self.batch_identity_tokens(batch, drop)
         noise, t, noisy = self._sample_noise(latents)
         record = RoutingRecord() if self.stage == 2 else None
-        pred = self._denoise(noisy, t, text, self._context(tokens, valid, latents, record))
+        pred = self._denoise(noisy, t, text, self._context(tokens, valid, latents, record), added)
         out = {"diffusion": F.mse_loss(pred.float(), noise.float())}
         if record is not None:
             out["routing"] = (
@@ -411,7 +415,8 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v.detach().clone() for k, v in self.adapter_state_dict().items()}
-        checkpoint["uniportrait"] = {"stage": self.stage, "stage_start_step": self.stage_start_step, "format": 1}
+        checkpoint["uniportrait"] = {"stage": self.stage, "stage_start_step": self.stage_start_step, "format": 1,
+                                     "arch": "sd15" if self.text_encoder_2 is None else "sdxl"}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any], source: str = "checkpoint") -> None:
         """Rebuild the checkpoint's stage (routers, multi-ID LoRA) before Lightning loads the weights."""
@@ -467,7 +472,7 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         was_training = self.training
         self.eval()
         nets = Components(self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler,
-                          self.identity.clip, self.identity.face)
+                          self.identity.clip, self.identity.face, self.text_encoder_2, self.tokenizer_2)
         pipe = UniPortraitPipeline.from_components(nets, self.identity.embedding)
         height, width = batch["image"].shape[-2:]
         routed = bool(adapters.router_parameters(self.unet))

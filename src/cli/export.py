@@ -9,6 +9,10 @@ stage-2 checkpoint, `uniportrait-router_sd15.bin` (routers, multi-ID LoRA), as p
 files, the released files' dtype). The base model is needed for the
 UNet's processor order, which fixes the released keys. Loading the files back
 (`UniPortraitPipeline.from_released`) gives bit-identical weights.
+
+On an SDXL base model (text_encoder_2/, tokenizer_2/) the files are `uniportrait-faceid_sdxl.safetensors`
+(+ `uniportrait-router_sdxl.safetensors`): the same layout, always safetensors, with metadata naming the
+architecture, cross_attention_dim, LoRA rank, tokens and Q-Former head width (src/inference/arch.py).
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML with model.components (base model etc.); default: the embedded tiny default")
     p.add_argument("--base-model", default=None, help="override components.base_model (diffusers directory)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--safetensors", action="store_true", help="write .safetensors instead of torch .bin files")
+    p.add_argument("--safetensors", action="store_true",
+                   help="write .safetensors instead of torch .bin files (SDXL: always)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the written weights (default float32, as trained; the released files are float16)")
     return p

@@ -7,6 +7,11 @@ Examples:
       --released-faceid uniportrait-faceid_sd15.bin --released-router uniportrait-router_sd15.bin --out out/
   # the embedded default (after `make demo`): tiny components under artifacts/tiny, newest runs/tiny checkpoint
   python -m src.generate --prompt "a person" --face-crop artifacts/some_crop.png --out out/
+  # SDXL: an SDXL base model (text_encoder_2/, tokenizer_2/) with a checkpoint trained on it or its export
+  python -m src.generate --prompt "a person" --face alice.jpg --components configs/sdxl/stage2.yaml \\
+      --checkpoint runs/sdxl/stage2/checkpoints/last.ckpt --out out/
+
+The architecture (SD1.5 or SDXL) is the base model's; weights made for the other one are an error.
 
 Each --face / --face-crop is one identity, in order; several comma-separated files in one option
 are several references of that identity. A photo without a detectable face is an error naming it.
@@ -41,14 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="a checkpoint trained here (.ckpt or exported .safetensors); default: the newest "
                         f"last.ckpt under {DEFAULT_RUNS} when no released weights are given")
-    p.add_argument("--released-faceid", type=Path, default=None, help="released uniportrait-faceid_sd15.bin")
+    p.add_argument("--released-faceid", type=Path, default=None,
+                   help="released uniportrait-faceid_sd15.bin (or an exported uniportrait-faceid_sdxl.safetensors)")
     p.add_argument("--released-router", type=Path, default=None,
-                   help="released uniportrait-router_sd15.bin (needed for several identities without masks)")
-    p.add_argument("--dim-head", type=int, default=64, help="Q-Former head width of released weights (default 64)")
+                   help="released uniportrait-router_sd15.bin (or uniportrait-router_sdxl.safetensors; needed for "
+                        "several identities without masks)")
+    p.add_argument("--dim-head", type=int, default=None,
+                   help="Q-Former head width of released weights (default: the file's metadata, else 64)")
     p.add_argument("--components", type=Path, default=None,
                    help="YAML with the ComponentPaths keys (or a config with model.components); default: the "
                         f"embedded tiny world under {DEFAULT_TINY}")
-    p.add_argument("--base-model", default=None, help="diffusers SD1.5 directory overriding components.base_model")
+    p.add_argument("--base-model", default=None,
+                   help="diffusers SD1.5 or SDXL directory overriding components.base_model")
     p.add_argument("--face-scale", type=float, default=0.7, help="face-ID attention scale (default 0.7)")
     p.add_argument("--structure-scale", type=float, default=None,
                    help="face structure scale beta (default 0.1 for one identity, 0.3 for several)")

@@ -287,7 +287,7 @@ def _export_part(unet: nn.Module, part: str) -> dict[str, torch.Tensor]:
 
 def export_released(
     unet: nn.Module, id_embedding: IDEmbedding, faceid_path: str | Path, router_path: str | Path | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, metadata: tuple[dict[str, str], dict[str, str]] | None = None,
 ) -> None:
     """Write this project's adapters in the released layout (plain tensor dicts, ``torch.save``).
 
@@ -295,17 +295,22 @@ def export_released(
     the UNet must have routers and the multi-ID LoRA) gets {"faceid_adapter"}. A ``.safetensors``
     suffix writes the flattened form instead. `dtype` casts every floating tensor (the released files
     are float16: half the size of float32); None keeps the training dtype. Loading the files back with
-    `load_released` is bit-exact (exact up to that cast when one is asked for).
+    `load_released` is bit-exact (exact up to that cast when one is asked for). `metadata`: the
+    (face-ID file, router file) safetensors metadata (SDXL's architecture record, `src.inference.arch`);
+    it needs ``.safetensors`` paths. None writes no metadata: the released SD1.5 files.
     """
+    if metadata is not None and any(Path(p).suffix != ".safetensors" for p in (faceid_path, router_path) if p):
+        raise ValueError(f"export_released: metadata needs .safetensors paths, got {faceid_path}, {router_path}")
+    meta_faceid, meta_router = metadata if metadata is not None else (None, None)
     _check_lora_scaling(unet, SINGLE)
     faceid = {
         "faceid_proj": {k: v.detach().cpu().clone().contiguous() for k, v in id_embedding.state_dict().items()},
         "faceid_adapter": _export_part(unet, "faceid"),
     }
-    _write(_cast(faceid, dtype), Path(faceid_path))
+    _write(_cast(faceid, dtype), Path(faceid_path), meta_faceid)
     if router_path is not None:
         _check_lora_scaling(unet, MULTI)
-        _write(_cast({"faceid_adapter": _export_part(unet, "router")}, dtype), Path(router_path))
+        _write(_cast({"faceid_adapter": _export_part(unet, "router")}, dtype), Path(router_path), meta_router)
 
 
 Sections = dict[str, dict[str, torch.Tensor]]
@@ -318,10 +323,10 @@ def _cast(sections: Sections, dtype: torch.dtype | None) -> Sections:
     return {s: {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()} for s, sd in sections.items()}
 
 
-def _write(sections: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
+def _write(sections: dict[str, dict[str, torch.Tensor]], path: Path, metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        save_file({f"{s}.{k}": v for s, sd in sections.items() for k, v in sd.items()}, str(path))
+        save_file({f"{s}.{k}": v for s, sd in sections.items() for k, v in sd.items()}, str(path), metadata=metadata)
     else:
         torch.save(sections, str(path))
 
@@ -337,7 +342,8 @@ class OurCheckpoint:
     """Adapter weights of a checkpoint trained here, split by destination.
 
     embedding: IDEmbedding state dict; unet: adapter params by ``unet.named_parameters()`` name;
-    stage: 1 or 2; qformer: the QFormerSpec fields (heads, dim_head, ...) when known; lora_rank.
+    stage: 1 or 2; qformer: the QFormerSpec fields (heads, dim_head, ...) when known; lora_rank;
+    arch: the base model's architecture ("sd15" / "sdxl") when the checkpoint records it, else None.
     """
 
     embedding: dict[str, torch.Tensor]
@@ -345,6 +351,7 @@ class OurCheckpoint:
     stage: int
     qformer: dict[str, Any]
     lora_rank: int
+    arch: str | None = None
 
 
 def _split_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -387,20 +394,23 @@ def read_checkpoint(path: str | Path) -> OurCheckpoint:
             raise ValueError(f"{path}: not a UniPortrait checkpoint (no 'uniportrait' section)")
         hp = ckpt.get("hyper_parameters", {}) or {}
         meta = {"stage": ckpt[_META_KEY].get("stage", 1), "qformer": dict(hp.get("qformer", {}) or {}),
-                "lora_rank": hp.get("lora_rank")}
+                "lora_rank": hp.get("lora_rank"), "arch": ckpt[_META_KEY].get("arch")}
         state = ckpt["state_dict"]
     emb, unet = _split_state(state, path)
     if "stage" not in meta:
         raise ValueError(f"{path}: missing '{_META_KEY}' metadata with the training stage")
     rank = int(meta.get("lora_rank") or _rank_of(unet, path))
-    return OurCheckpoint(emb, unet, int(meta["stage"]), dict(meta.get("qformer") or {}), rank)
+    return OurCheckpoint(emb, unet, int(meta["stage"]), dict(meta.get("qformer") or {}), rank, meta.get("arch"))
 
 
-def export_checkpoint_safetensors(ckpt_path: str | Path, out_path: str | Path) -> None:
-    """Our Lightning ``.ckpt`` -> a ``.safetensors`` with the same keys and the stage/architecture as metadata."""
+def export_checkpoint_safetensors(ckpt_path: str | Path, out_path: str | Path, arch: str | None = None) -> None:
+    """Our Lightning ``.ckpt`` -> a ``.safetensors`` with the same keys and the stage / Q-Former / LoRA rank /
+    base-model architecture as metadata (`arch` overrides the checkpoint's own record, when it has one)."""
     ck = read_checkpoint(ckpt_path)
     state = {f"identity.embedding.{k}": v for k, v in ck.embedding.items()}
     state.update({f"unet.{k}": v for k, v in ck.unet.items()})
     meta = {"stage": ck.stage, "qformer": ck.qformer, "lora_rank": ck.lora_rank}
+    if arch or ck.arch:
+        meta["arch"] = arch or ck.arch
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_path), metadata={_META_KEY: json.dumps(meta)})

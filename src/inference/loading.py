@@ -6,7 +6,9 @@ here back out in the released layout.
 - `load_pipeline`: components + either a checkpoint trained here or the released UniPortrait weights,
   moved to a device (generate and evaluate);
 - `export_checkpoint`: a checkpoint trained here -> `uniportrait-faceid_sd15` (+ `uniportrait-router_sd15`)
-  files that run wherever the authors' weights run (export).
+  files that run wherever the authors' weights run (export); on an SDXL base model
+  `uniportrait-faceid_sdxl.safetensors` (+ `uniportrait-router_sdxl.safetensors`), the same layout with
+  metadata naming the architecture (src/inference/arch.py).
 """
 from __future__ import annotations
 
@@ -17,14 +19,14 @@ from typing import Any
 import torch
 
 from src.config import resolve_config
-from src.inference import convert
+from src.inference import arch, convert
 from src.inference.pipeline import UniPortraitPipeline
 from src.models import adapters
 from src.models.presets import ComponentPaths
 
 DEFAULT_TINY = Path("artifacts/tiny")
 DEFAULT_RUNS = Path("runs/tiny")
-FACEID_NAME, ROUTER_NAME = "uniportrait-faceid_sd15", "uniportrait-router_sd15"
+FACEID_NAME, ROUTER_NAME = arch.file_names("sd15")
 
 
 def load_components(path: Path | None, base_model: str | None, tiny_root: Path = DEFAULT_TINY) -> ComponentPaths:
@@ -91,15 +93,16 @@ def load_pipeline(
     checkpoint: Path | None = None,
     released_faceid: Path | None = None,
     released_router: Path | None = None,
-    dim_head: int = 64,
+    dim_head: int | None = None,
     runs: Path = DEFAULT_RUNS,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> LoadedPipeline:
     """The pipeline of `components` (a YAML for `load_components`; default the tiny world under `tiny_root`)
-    with either the released UniPortrait weights (`released_faceid`, optionally `released_router`, Q-Former
-    head width `dim_head`) or a checkpoint trained here (default: the newest one under `runs`), on
-    `device` (cast to `dtype` when given)."""
+    with either the released UniPortrait weights or an SDXL export (`released_faceid`, optionally
+    `released_router`, Q-Former head width `dim_head`; None: the file's metadata, else 64) or a checkpoint
+    trained here (default: the newest one under `runs`), on `device` (cast to `dtype` when given). Weights
+    made for the other architecture than the base model's fail here, naming both and the file."""
     comps = load_components(components, base_model, tiny_root)
     check_weights(checkpoint, released_faceid, released_router)
     if released_faceid is not None:
@@ -115,15 +118,25 @@ def export_checkpoint(checkpoint: Path, components_yaml: Path | None, out: Path,
                       safetensors: bool = False, dtype: torch.dtype | None = None) -> list[Path]:
     """Write the released-layout files of `checkpoint` under `out`; returns their paths.
 
-    `uniportrait-faceid_sd15` holds the ID embedding, face-ID projections and single-ID LoRA; a stage-2
-    checkpoint adds `uniportrait-router_sd15` (routers, multi-ID LoRA). Plain tensor dicts (`.bin`), or the
-    flattened `.safetensors` form; `dtype` (e.g. torch.float16, as the released files) casts the weights.
-    The base model fixes the UNet's processor order, hence the released keys.
+    `uniportrait-faceid_<arch>` holds the ID embedding, face-ID projections and single-ID LoRA; a stage-2
+    checkpoint adds `uniportrait-router_<arch>` (routers, multi-ID LoRA). SD1.5: plain tensor dicts (`.bin`),
+    or the flattened `.safetensors` form, exactly the released layout. SDXL: always `.safetensors`, with the
+    metadata of `src.inference.arch` (architecture, cross_attention_dim, LoRA rank, tokens, Q-Former head width).
+    `dtype` (e.g. torch.float16, as the released files) casts the weights. The base model fixes the
+    architecture and the UNet's processor order, hence the keys.
     """
+    ck = convert.read_checkpoint(checkpoint)
     pipe = UniPortraitPipeline.from_checkpoint(load_components(components_yaml, base_model), checkpoint)
-    suffix = ".safetensors" if safetensors else ".bin"
-    faceid = out / f"{FACEID_NAME}{suffix}"
-    unet = pipe.pipe.unet
-    router = out / f"{ROUTER_NAME}{suffix}" if adapters.router_parameters(unet) else None  # a stage-2 checkpoint
-    convert.export_released(unet, pipe.identity.embedding, faceid, router, dtype=dtype)
+    unet, embedding = pipe.pipe.unet, pipe.identity.embedding
+    sdxl = pipe.arch == "sdxl"
+    suffix = ".safetensors" if safetensors or sdxl else ".bin"
+    faceid_name, router_name = arch.file_names(pipe.arch)
+    faceid = out / f"{faceid_name}{suffix}"
+    router = out / f"{router_name}{suffix}" if adapters.router_parameters(unet) else None  # a stage-2 checkpoint
+    metadata = None
+    if sdxl:
+        common = dict(cross_attention_dim=int(unet.config.cross_attention_dim), lora_rank=ck.lora_rank,
+                      num_tokens=embedding.num_queries, dim_head=int(ck.qformer.get("dim_head", 64)))
+        metadata = (arch.sdxl_metadata("faceid", **common), arch.sdxl_metadata("router", **common))
+    convert.export_released(unet, embedding, faceid, router, dtype=dtype, metadata=metadata)
     return [faceid] + ([router] if router is not None else [])

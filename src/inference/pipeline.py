@@ -1,4 +1,5 @@
-"""UniPortrait inference on diffusers' StableDiffusionPipeline (or its ControlNet variant).
+"""UniPortrait inference on diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline (or their ControlNet
+variants; the architecture is the components', see src/inference/arch.py).
 
 The diffusers pipeline runs the denoising loop; UniPortrait enters only through
 ``cross_attention_kwargs={"faceid": FaceIDContext}``, which the pipeline forwards to the UNet at
@@ -30,14 +31,12 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
 )
 from PIL import Image
 
 from src.conventions import CLIP_CROP_SIZE, uint8_to_unit
 from src.faces import FaceDetector, crops_for, largest_face, load_rgb
-from src.inference import convert
+from src.inference import arch, convert
 from src.models import adapters
 from src.models.context import FaceIDContext, RoutingRecord
 from src.models.id_embedding import IDEmbedding, mix_identities
@@ -156,15 +155,14 @@ class UniPortraitPipeline:
                 f"ID embedding expects id_dim={id_embedding.id_dim}, structure_dim={id_embedding.structure_dim}; the "
                 f"encoders give {face.intrinsic_dim} and {face.structure_dim} + {clip.width}"
             )
-        self.components = components
         self.identity = IdentityEncoder(face, clip, id_embedding.eval()).eval()
+        if id_embedding.output_dim != unet.config.cross_attention_dim:
+            raise ValueError(f"ID embedding output_dim={id_embedding.output_dim}, but the {components.arch} UNet's "
+                             f"cross_attention_dim is {unet.config.cross_attention_dim}")
+        self.components = components
+        self.arch = components.arch
         self.base_scheduler_config = components.scheduler.config
-        sched = make_scheduler("ddim", self.base_scheduler_config)
-        common = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-                      unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                      requires_safety_checker=False)
-        self.pipe = (StableDiffusionPipeline(**common) if controlnet is None
-                     else StableDiffusionControlNetPipeline(controlnet=controlnet, **common))
+        self.pipe = arch.build_pipeline(components, make_scheduler("ddim", self.base_scheduler_config), controlnet)
         self.controlnet = controlnet
         self._detector: FaceDetector | None = None
         self._fuse = False
@@ -182,8 +180,13 @@ class UniPortraitPipeline:
     def from_checkpoint(
         cls, components: ComponentPaths, checkpoint: str | Path, controlnet: ControlNetModel | None = None
     ) -> UniPortraitPipeline:
-        """Base networks from `components`, adapters from our ``.ckpt`` or its ``.safetensors`` export."""
+        """Base networks from `components`, adapters from our ``.ckpt`` or its ``.safetensors`` export.
+
+        A checkpoint that records its architecture (sd15 / sdxl) and meets a base model of the other one is
+        an error naming both and the file, before any network loads."""
         ck = convert.read_checkpoint(checkpoint)
+        base_arch = components.arch
+        arch.check_arch(ck.arch, base_arch, checkpoint, components.base_model)
         nets = components.build()
         embedding = convert.id_embedding_from_state_dict(
             ck.embedding, dim_head=int(ck.qformer.get("dim_head", 64)), source=str(checkpoint)
@@ -196,8 +199,9 @@ class UniPortraitPipeline:
                              lora_rank=ck.lora_rank, multi=ck.stage == 2)
         try:
             adapters.load_adapter_state_dict(nets.unet, ck.unet, strict=True)
-        except KeyError as err:
-            raise KeyError(f"{checkpoint}: {err}") from err
+        except (KeyError, ValueError) as err:
+            hint = arch.mismatch_hint(base_arch) if ck.arch is None else ""
+            raise type(err)(f"{checkpoint}: {err}{hint}") from err
         return cls(nets, embedding, controlnet)
 
     @classmethod
@@ -207,13 +211,21 @@ class UniPortraitPipeline:
         faceid_path: str | Path,
         router_path: str | Path | None = None,
         controlnet: ControlNetModel | None = None,
-        dim_head: int = 64,
+        dim_head: int | None = None,
     ) -> UniPortraitPipeline:
-        """Base networks from `components`, adapters from the released files (weights_only)."""
+        """Base networks from `components`, adapters from released-layout files (weights_only): the released
+        SD1.5 files, or an SDXL export (`src.inference.arch`). Files made for the other architecture than the
+        base model's are an error naming both. `dim_head`: the Q-Former head width; None reads it from the
+        file's metadata (SDXL exports), else 64 (the released model)."""
+        base_arch = components.arch
+        for path in filter(None, (faceid_path, router_path)):
+            arch.check_arch(arch.released_arch(path), base_arch, path, components.base_model)
         sections = convert.read_released(faceid_path)
         if "faceid_proj" not in sections or "faceid_adapter" not in sections:
             raise KeyError(f"{faceid_path}: expected sections 'faceid_proj' and 'faceid_adapter', "
                            f"got {sorted(sections)}")
+        if dim_head is None:
+            dim_head = int(arch.file_metadata(faceid_path).get("dim_head", 64))
         embedding = convert.id_embedding_from_state_dict(sections["faceid_proj"], dim_head, source=str(faceid_path))
         rank = convert.released_lora_rank(sections["faceid_adapter"], str(faceid_path))
         nets = components.build()
@@ -399,7 +411,8 @@ class UniPortraitPipeline:
         extra = {} if control_image is None else {"image": control_image,
                                                    "controlnet_conditioning_scale": controlnet_conditioning_scale}
         out = self.pipe(
-            prompt=prompt, negative_prompt=negative_prompt if do_cfg else None, height=height, width=width,
+            prompt=prompt, negative_prompt=arch.negative_prompt_for(self.arch, negative_prompt, do_cfg),
+            height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, num_images_per_prompt=num_images,
             generator=torch.Generator().manual_seed(seed), cross_attention_kwargs=kwargs,
             callback_on_step_end=keep_last_step, output_type="pil", **extra,

@@ -5,6 +5,11 @@ scheduler), an OpenCLIP (or transformers) vision checkpoint and a face-backbone 
 configs point it at real weights; the embedded default (`src.tiny`) writes tiny random models in
 exactly those formats and points it at them, so the loading code is the same.
 
+The base model's architecture is read from the directory (`detect_arch`): an SDXL directory has a
+second text encoder and tokenizer (`text_encoder_2/`, `tokenizer_2/`, model_index.json's `_class_name`
+`StableDiffusionXLPipeline` when present); `Components.arch` is then "sdxl", else "sd15". How the two
+architectures condition the UNet on text is `src.models.conditioning`.
+
 Also here: the SD1.5-compatible CLIP tokenizer built offline from the BPE vocabulary that ships
 inside open_clip, and SD1.5's training noise schedule. The embedded default's tiny architectures live
 in `src.tiny.architectures`.
@@ -19,17 +24,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from src.models.clip_encoder import ClipPatchEncoder
+from src.models.conditioning import check_text_conditioning
 from src.models.face_backbone import IRBackbone, load_face_backbone
 
 log = logging.getLogger(__name__)
 
+Arch = Literal["sd15", "sdxl"]
+SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+
 
 @dataclass
 class Components:
-    """The pretrained (frozen) networks UniPortrait is built on."""
+    """The pretrained (frozen) networks UniPortrait is built on. `text_encoder_2` (SDXL's
+    CLIPTextModelWithProjection, whose `text_embeds` are the pooled condition) and `tokenizer_2`
+    are None on SD1.5."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -38,6 +50,23 @@ class Components:
     scheduler: DDPMScheduler
     clip: ClipPatchEncoder
     face: IRBackbone
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+
+    @property
+    def arch(self) -> Arch:
+        """The architecture: "sdxl" when a second text encoder is present, else "sd15"."""
+        return "sd15" if self.text_encoder_2 is None else "sdxl"
+
+    @property
+    def text_encoders(self) -> tuple[CLIPTextModel, ...]:
+        """The text encoders in conditioning order: (text_encoder,) or (text_encoder, text_encoder_2)."""
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
+        """The tokenizers matching `text_encoders`."""
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
 
 
 def _require(path: str | Path, what: str) -> Path:
@@ -47,11 +76,32 @@ def _require(path: str | Path, what: str) -> Path:
     return p
 
 
+def detect_arch(base_model: str | Path) -> Arch:
+    """The architecture of a diffusers base-model directory: "sdxl" when it holds text_encoder_2/ and
+    tokenizer_2/, else "sd15". A directory that is half SDXL (one of the two subfolders, or model_index.json
+    naming StableDiffusionXLPipeline without them) is an error naming what is missing; so is an SDXL layout
+    whose model_index.json names another pipeline class."""
+    base = Path(base_model).expanduser()
+    present = [sub for sub in SDXL_SUBFOLDERS if (base / sub).is_dir()]
+    index = base / "model_index.json"
+    class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if class_name == SDXL_PIPELINE or present:
+        for sub in SDXL_SUBFOLDERS:
+            why = f"{index} names {SDXL_PIPELINE}" if class_name == SDXL_PIPELINE else f"{base} has {present[0]}/"
+            _require(base / sub, f"components.base_model/{sub} (SDXL: {why})")
+        if class_name is not None and class_name != SDXL_PIPELINE:
+            raise ValueError(f"{base} has the SDXL subfolders {SDXL_SUBFOLDERS} but {index} names '{class_name}', "
+                             f"not {SDXL_PIPELINE}")
+        return "sdxl"
+    return "sd15"
+
+
 class ComponentPaths:
     """Local paths of the base networks, validated before any long work starts.
 
     Args:
-        base_model: diffusers model directory with unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+        base_model: diffusers model directory with unet/, vae/, text_encoder/, tokenizer/, scheduler/
+            (SD1.5), plus text_encoder_2/ and tokenizer_2/ (SDXL, see `detect_arch`).
         clip_checkpoint: OpenCLIP checkpoint file (or a transformers CLIPVisionModelWithProjection
             directory when clip_format is "transformers").
         face_backbone: face-recognition backbone state dict (TFace/CurricularFace layout).
@@ -85,11 +135,17 @@ class ComponentPaths:
         self.face_widths = tuple(face_widths)
         self.face_embedding_size = face_embedding_size
 
+    @property
+    def arch(self) -> Arch:
+        """The base model's architecture, read from its directory (`detect_arch`; nothing is loaded)."""
+        return detect_arch(_require(self.base_model, "components.base_model (diffusers directory)"))
+
     def validate(self) -> None:
         """Fail fast, naming the missing path, before anything is loaded."""
         base = _require(self.base_model, "components.base_model (diffusers directory)")
         for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             _require(base / sub, f"components.base_model/{sub}")
+        detect_arch(base)  # names a missing SDXL subfolder
         _require(self.clip_checkpoint, "components.clip_checkpoint")
         _require(self.face_backbone, "components.face_backbone")
 
@@ -101,7 +157,13 @@ class ComponentPaths:
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **load)
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **load)
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
-        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **load)
+        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **load)  # the schedule on disk
+        text_encoder_2 = tokenizer_2 = None
+        if detect_arch(base) == "sdxl":
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **load)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **load)
+        encoders = (text_encoder,) if text_encoder_2 is None else (text_encoder, text_encoder_2)
+        check_text_conditioning(unet, encoders, where=str(base))
         if self.clip_format == "transformers":
             clip = ClipPatchEncoder.from_transformers(self.clip_checkpoint)
         elif self.clip_vision_config is not None:
@@ -116,9 +178,9 @@ class ComponentPaths:
             widths=self.face_widths,
             embedding_size=self.face_embedding_size,
         )
-        for m in (unet, vae, text_encoder):
+        for m in (unet, vae, *encoders):
             m.requires_grad_(False).eval()
-        return Components(unet, vae, text_encoder, tokenizer, scheduler, clip, face)
+        return Components(unet, vae, text_encoder, tokenizer, scheduler, clip, face, text_encoder_2, tokenizer_2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,9 +198,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77) -> CLIPTokenizer:
+def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77,
+                         pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """Write vocab.json + merges.txt of the OpenAI CLIP BPE (49408 tokens, as SD1.5's tokenizer)
-    from open_clip's bundled `bpe_simple_vocab_16e6.txt.gz`, and load it as a CLIPTokenizer."""
+    from open_clip's bundled `bpe_simple_vocab_16e6.txt.gz`, and load it as a CLIPTokenizer.
+    `pad_token`: SD1.5's and SDXL's first tokenizer pad with "<|endoftext|>", SDXL's tokenizer_2 with "!"."""
     import open_clip.tokenizer as oct
 
     bpe_path = Path(oct.default_bpe())
@@ -153,7 +217,7 @@ def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77) -> CLI
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     tok = CLIPTokenizer(
-        str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=model_max_length, pad_token="<|endoftext|>"
+        str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=model_max_length, pad_token=pad_token
     )
     tok.save_pretrained(out)
     return tok
