@@ -3,7 +3,9 @@
 Shared by `datamodules.prepare` (shard preparation), the inference pipeline and the metrics.
 
 Detection uses facenet-pytorch's MTCNN (its P/R/O-net weights ship inside the wheel, nothing is
-downloaded). Coordinates are pixels of the image given to `detect`; boxes are ``[x0, y0, x1, y1]``
+downloaded). It runs on a copy whose longer side is capped at `FaceDetector.detect_size` (640 px by
+default, like insightface's detector; 0 = full resolution) and maps boxes and landmarks back, so
+coordinates are always pixels of the image given to `detect`; boxes are ``[x0, y0, x1, y1]``
 and the five landmarks follow `src.conventions.ARCFACE_TEMPLATE_112`'s order: left eye, right eye,
 nose, left mouth corner, right mouth corner, where left/right are the image's left/right.
 """
@@ -27,6 +29,16 @@ class NoFaceError(ValueError):
 
 class UnreadableImageError(ValueError):
     """A file or byte string that is not a readable image; the message names the source."""
+
+
+class ImageTooSmallError(NoFaceError):
+    """An image whose shorter side is below MTCNN's minimum face size: it cannot hold a detectable face.
+
+    A NoFaceError, so that callers reporting "no face" report this too; the message names the source.
+    """
+
+
+DEFAULT_DETECT_SIZE = 640
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,16 @@ def filter_faces(faces: list[DetectedFace], min_prob: float = 0.0, min_size: flo
     return [f for f in faces if f.prob >= min_prob and f.short_side >= min_size]
 
 
+def detection_scale(h: int, w: int, detect_size: int, min_side: int) -> float:
+    """The factor (<= 1) that caps max(h, w) at detect_size without taking min(h, w) below min_side.
+
+    detect_size <= 0 means full resolution (1.0).
+    """
+    if detect_size <= 0 or max(h, w) <= detect_size:
+        return 1.0
+    return min(1.0, max(detect_size / max(h, w), min_side / min(h, w)))
+
+
 class FaceDetector:
     """MTCNN face detector (facenet-pytorch, keep_all=True), CPU by default.
 
@@ -94,8 +116,11 @@ class FaceDetector:
         min_prob: faces below this detection probability are dropped by `detect`.
         min_size: faces whose box's shorter side is below this many pixels are dropped by `detect`.
         device: torch device for the three MTCNN networks.
-        mtcnn_min_face_size: smallest face MTCNN's image pyramid searches for (pixels).
+        mtcnn_min_face_size: smallest face MTCNN's image pyramid searches for (pixels of the detection
+            copy: with downscaling, faces below about mtcnn_min_face_size / scale full-resolution pixels).
         thresholds: MTCNN's P/R/O-net score thresholds.
+        detect_size: detect on a copy whose longer side is at most this many pixels (bilinear, antialiased),
+            mapping boxes and landmarks back; 0 detects at full resolution.
     """
 
     def __init__(
@@ -105,12 +130,14 @@ class FaceDetector:
         device: str | torch.device = "cpu",
         mtcnn_min_face_size: int = 20,
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+        detect_size: int = DEFAULT_DETECT_SIZE,
     ) -> None:
         from facenet_pytorch import MTCNN  # heavy import kept local to the detector
 
         self.min_prob = float(min_prob)
         self.min_size = float(min_size)
         self.device = torch.device(device)
+        self.detect_size = int(detect_size)
         self.mtcnn = MTCNN(
             keep_all=True,
             select_largest=True,
@@ -119,18 +146,78 @@ class FaceDetector:
             device=self.device,
         ).eval()
 
-    def detect_raw(self, image: np.ndarray) -> list[DetectedFace]:
-        """All MTCNN detections of a uint8 (H, W, 3) image, largest first, unfiltered."""
-        image = _as_uint8_rgb(image)
-        boxes, probs, points = self.mtcnn.detect(Image.fromarray(image), landmarks=True)
-        if boxes is None:  # facenet-pytorch returns None (not an empty array) when nothing is found
-            return []
-        # facenet-pytorch 2.5.3 with numpy 2 returns object arrays: convert explicitly.
-        boxes = np.asarray(boxes.tolist(), dtype=np.float32).reshape(-1, 4)  # (F, 4)
-        points = np.asarray(points.tolist(), dtype=np.float32).reshape(-1, 5, 2)  # (F, 5, 2)
-        probs = np.asarray(list(probs), dtype=np.float32).reshape(-1)  # (F,)
-        faces = [DetectedFace(b, p, float(s)) for b, p, s in zip(boxes, points, probs)]
+    @property
+    def min_image_side(self) -> int:
+        """The shortest image side MTCNN can search (its minimum face size); smaller images hold no face."""
+        return int(np.ceil(self.mtcnn.min_face_size))
+
+    def check_size(self, image: np.ndarray, source: str = "<image>") -> None:
+        """Raise ImageTooSmallError naming `source` when the image is too small to hold a detectable face."""
+        h, w = np.shape(image)[:2]
+        if min(h, w) < self.min_image_side:
+            raise ImageTooSmallError(
+                f"{source}: image of {w}x{h} px is too small to hold a face (MTCNN's minimum face size is "
+                f"{self.min_image_side} px)"
+            )
+
+    def _detection_copy(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """(the copy MTCNN runs on, x factor, y factor mapping its pixels back to the image's)."""
+        h, w = image.shape[:2]
+        scale = detection_scale(h, w, self.detect_size, self.min_image_side)
+        if scale == 1.0:
+            return image, 1.0, 1.0
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        return small, w / size[0], h / size[1]
+
+    def _mtcnn(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """MTCNN on a uint8 (B, H, W, 3) batch: per image ((F, 5) boxes + prob, (F, 5, 2) landmarks)."""
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        m = self.mtcnn
+        with torch.no_grad():
+            boxes, points = detect_face(batch, m.min_face_size, m.pnet, m.rnet, m.onet, m.thresholds, m.factor,
+                                        m.device)
+        # object arrays (facenet-pytorch 2.5.3 with numpy 2): convert each image's entries explicitly
+        return [(np.asarray(boxes[i].tolist(), dtype=np.float32).reshape(-1, 5),  # (F, 5)
+                 np.asarray(points[i].tolist(), dtype=np.float32).reshape(-1, 5, 2))  # (F, 5, 2)
+                for i in range(len(batch))]
+
+    @staticmethod
+    def _faces(boxes: np.ndarray, points: np.ndarray, sx: float, sy: float) -> list[DetectedFace]:
+        """Detections of a copy -> faces in image pixels, largest first (MTCNN's select_largest order)."""
+        order = np.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[::-1]
+        boxes, points = boxes[order], points[order]
+        if (sx, sy) != (1.0, 1.0):
+            boxes = np.concatenate([boxes[:, :4] * np.float32([sx, sy, sx, sy]), boxes[:, 4:]], axis=1)
+            points = points * np.float32([sx, sy])
+        faces = [DetectedFace(b[:4].copy(), p, float(b[4])) for b, p in zip(boxes, points)]
         return sort_by_area(faces)
+
+    def detect_raw_batch(self, images: list[np.ndarray]) -> list[list[DetectedFace]]:
+        """`detect_raw` of several uint8 (H, W, 3) images; those whose detection copies have the same size
+        go through MTCNN as one batch (fewer, larger network calls; the same detections as one at a time up to
+        float rounding, so a batch's composition can change the last bits)."""
+        images = [_as_uint8_rgb(im) for im in images]
+        for im in images:
+            self.check_size(im)
+        copies = [self._detection_copy(im) for im in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (small, _, _) in enumerate(copies):
+            groups.setdefault(small.shape[:2], []).append(i)
+        out: list[list[DetectedFace]] = [[] for _ in images]
+        for idx in groups.values():
+            results = self._mtcnn(np.stack([copies[i][0] for i in idx]))  # batch (B, h, w, 3)
+            for i, (boxes, points) in zip(idx, results):
+                out[i] = self._faces(boxes, points, copies[i][1], copies[i][2])
+        return out
+
+    def detect_raw(self, image: np.ndarray) -> list[DetectedFace]:
+        """All MTCNN detections of a uint8 (H, W, 3) image, largest first, unfiltered.
+
+        Raises ImageTooSmallError when its shorter side is below MTCNN's minimum face size.
+        """
+        return self.detect_raw_batch([image])[0]
 
     def detect(self, image: np.ndarray) -> list[DetectedFace]:
         """Detections of a uint8 (H, W, 3) image that pass min_prob and min_size, largest first."""
@@ -160,14 +247,19 @@ def detect_with_retry(
     pad_retry: float = 1.25,
     pad_mode: str = "constant",
     filtered: bool = True,
+    first: list[DetectedFace] | None = None,
 ) -> list[DetectedFace]:
     """Detect faces; if none, retry once on a padded copy (faces cut by the border) and map back.
 
     Boxes found on the padded copy are translated back and clipped to the original image.
-    pad_retry <= 1 disables the retry. `filtered=False` returns raw detections.
+    pad_retry <= 1 disables the retry. `filtered=False` returns raw detections. `first`: the raw
+    detections of `image` when already made (e.g. in a batch), so that only the retry runs here.
     """
     detect = detector.detect if filtered else detector.detect_raw
-    faces = detect(image)
+    if first is None:
+        faces = detect(image)
+    else:
+        faces = filter_faces(first, detector.min_prob, detector.min_size) if filtered else first
     if faces or pad_retry <= 1.0:
         return faces
     padded, left, top = pad_image(image, pad_retry, pad_mode)
@@ -182,7 +274,9 @@ def largest_face(
     source: str = "<image>",
     pad_mode: str = "constant",
 ) -> DetectedFace:
-    """The largest face passing the detector's filters; raises NoFaceError naming `source`."""
+    """The largest face passing the detector's filters; raises NoFaceError naming `source` (an
+    ImageTooSmallError when the image is smaller than MTCNN's minimum face size)."""
+    detector.check_size(image, source)
     faces = detect_with_retry(image, detector, pad_retry, pad_mode)
     if not faces:
         raise NoFaceError(

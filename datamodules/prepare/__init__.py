@@ -16,12 +16,16 @@ Inputs (``--format``):
           ``list_bbox_celeba.txt`` refers to the in-the-wild images and is not used.
 
 Per image: decode (unreadable -> dropped), downscale so the longer side <= --resolution-max,
-detect faces with MTCNN (retrying once on a padded copy), filter, align crops (112 recognition +
---clip-size CLIP crops), masks from boxes, caption. Drop reasons, checked in this order:
-``unreadable``, ``no_face`` (nothing detected), ``low_confidence`` (no face with prob >=
---min-prob), ``too_small`` (no confident face with a box side >= --min-face-size),
-``too_few_faces`` / ``too_many_faces`` (the confident, large-enough faces number outside
-[--min-faces, --max-faces]). Smaller or less confident faces are not kept and do not count.
+detect faces with MTCNN on a copy whose longer side is <= --detect-size (default 640, 0 = full
+resolution; boxes and landmarks are mapped back, and faces under about 20 / scale px, 32 px for
+1024 -> 640, are not searched), batched over --detect-batch inputs whose copies have the same size,
+retry once on a padded copy, filter, align crops (112 recognition + --clip-size CLIP crops) at full
+resolution, masks from boxes, caption. Drop reasons, checked in this order: ``unreadable``,
+``image_too_small`` (shorter side under MTCNN's 20 px minimum face size), ``no_face`` (nothing
+detected), ``low_confidence`` (no face with prob >= --min-prob), ``too_small`` (no confident face
+with a box side >= --min-face-size), ``too_few_faces`` / ``too_many_faces`` (the confident,
+large-enough faces number outside [--min-faces, --max-faces]). Smaller or less confident faces are
+not kept and do not count.
 When an identity label is known it is given to the largest face.
 
 Captions: the --captions JSONL (keyed by relative path, its stem, file name or wds key), then the
@@ -32,6 +36,13 @@ of the sorted input list go to shard i, S = --samples-per-shard; dropped inputs 
 written as ``.tar.tmp`` and renamed when complete; ``DIR/manifest.json`` holds the settings, the
 per-shard and total counts kept / dropped by reason, the completed shards and the throughput.
 Re-running with the same settings skips completed shards; different settings are an error.
+
+--workers N: each shard still to write is a task for one of N spawned processes (one torch
+thread each, each with its own MTCNN on --device); the main process keeps the manifest and the
+progress bar. The shards are the same (keys, order, bytes) for any N, so --workers and --device
+are not settings of the output (--detect-batch is: batching changes the last float bits of
+detections). A killed run leaves only ``.tar.tmp`` files of the shards in progress, redone next run.
+A manifest written before --detect-size / --detect-batch existed means --detect-size 0 --detect-batch 1.
 """
 # (This docstring is the --help text of `uniportrait-prepare`, src/cli/prepare.py.)
 # Modules: `config` (PrepareConfig, PrepareError, validation), `sources` (the input formats: one module per

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from src.faces import DEFAULT_DETECT_SIZE
+
 
 class PrepareError(RuntimeError):
     """A problem with the inputs or the output directory; the message names the path at fault."""
@@ -31,14 +33,23 @@ class PrepareConfig:
     landmark_fallback: bool = True
     shuffle: bool = False
     seed: int = 0
+    detect_size: int = DEFAULT_DETECT_SIZE
+    detect_batch: int = 8
+    workers: int = 1
     device: str = "cpu"
 
     def content_settings(self) -> dict:
-        """The settings that change shard contents (all but out and device)."""
+        """The settings that change shard contents: all but out, device and workers (the shards are the same
+        for any --workers; --detect-batch can change detections in their last float bits)."""
         d = asdict(self)
-        d.pop("out")
-        d.pop("device")
+        for runtime in RUNTIME_SETTINGS:
+            d.pop(runtime)
         return d
+
+
+RUNTIME_SETTINGS = ("out", "device", "workers")
+# settings added after manifests were first written: their value in a manifest that lacks them
+LEGACY_SETTINGS = {"detect_size": 0, "detect_batch": 1}
 
 
 def resolve_paths(cfg: PrepareConfig) -> None:
@@ -60,6 +71,9 @@ def validate_config(cfg: PrepareConfig) -> None:
         (cfg.clip_size >= 16, "clip_size", cfg.clip_size),
         (cfg.resolution_max >= 64, "resolution_max", cfg.resolution_max),
         (0.0 <= cfg.min_prob <= 1.0, "min_prob", cfg.min_prob),
+        (cfg.detect_size == 0 or cfg.detect_size >= 64, "detect_size", cfg.detect_size),
+        (cfg.detect_batch >= 1, "detect_batch", cfg.detect_batch),
+        (cfg.workers >= 1, "workers", cfg.workers),
     ]
     for ok, name, value in checks:
         if not ok:

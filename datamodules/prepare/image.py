@@ -1,5 +1,6 @@
 """One input image of the preparation: decode, limit its resolution, detect and select faces (or fall back on
-annotated landmarks), caption, and build the schema Sample with its crops and masks (`process_item`)."""
+annotated landmarks), caption, and build the schema Sample with its crops and masks (`process_item`).
+`decode_and_detect` does the first two steps for a chunk of inputs at once (MTCNN batched)."""
 from __future__ import annotations
 
 import re
@@ -17,13 +18,14 @@ from datamodules.schema import Face, Sample
 from src.faces import (
     DetectedFace,
     FaceDetector,
+    ImageTooSmallError,
     UnreadableImageError,
     box_mask,
     crops_for,
     detect_with_retry,
 )
 
-REASONS = ("unreadable", "no_face", "low_confidence", "too_small", "too_few_faces", "too_many_faces")
+REASONS = ("unreadable", "image_too_small", "no_face", "low_confidence", "too_small", "too_few_faces", "too_many_faces")
 
 
 @dataclass
@@ -33,6 +35,41 @@ class Outcome:
     sample: Sample | None = None
     reason: str | None = None
     landmark_fallback: bool = False
+
+
+@dataclass
+class Decoded:
+    """One input after decoding, the resolution limit and the first detection (not yet retried or filtered).
+
+    image: uint8 (H, W, 3) after --resolution-max, None when dropped; scale: the factor applied;
+    faces: raw detections in image pixels; reason: "unreadable" or "image_too_small" when dropped.
+    """
+
+    image: np.ndarray | None
+    scale: float = 1.0
+    faces: list[DetectedFace] = field(default_factory=list)
+    reason: str | None = None
+
+
+def decode_and_detect(items: list[SourceItem], detector: FaceDetector, cfg: PrepareConfig) -> list[Decoded]:
+    """Decode and limit the resolution of a chunk of inputs, then detect faces in all of them at once
+    (`FaceDetector.detect_raw_batch`: equal-size detection copies share one MTCNN batch)."""
+    decoded: list[Decoded] = []
+    for item in items:
+        try:
+            image, scale = limit_resolution(item.read(), cfg.resolution_max)
+            detector.check_size(image, item.key)
+        except UnreadableImageError:
+            decoded.append(Decoded(None, reason="unreadable"))
+            continue
+        except ImageTooSmallError:
+            decoded.append(Decoded(None, reason="image_too_small"))
+            continue
+        decoded.append(Decoded(image, scale))
+    todo = [d for d in decoded if d.image is not None]
+    for d, faces in zip(todo, detector.detect_raw_batch([d.image for d in todo])):
+        d.faces = faces
+    return decoded
 
 
 def limit_resolution(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
@@ -131,15 +168,22 @@ def build_sample(
 
 
 def process_item(
-    index: int, item: SourceItem, detector: FaceDetector, captions: CaptionSources, cfg: PrepareConfig
+    index: int,
+    item: SourceItem,
+    detector: FaceDetector,
+    captions: CaptionSources,
+    cfg: PrepareConfig,
+    decoded: Decoded | None = None,
 ) -> Outcome:
-    """Decode, detect, filter, align and caption one input."""
-    try:
-        image = item.read()
-    except UnreadableImageError:
-        return Outcome(reason="unreadable")
-    image, scale = limit_resolution(image, cfg.resolution_max)
-    faces, reason = select_faces(detect_with_retry(image, detector, cfg.pad_retry, filtered=False), cfg)
+    """Decode, detect, filter, align and caption one input; `decoded`: its `decode_and_detect` result when
+    made already (in a chunk), else made here."""
+    if decoded is None:
+        decoded = decode_and_detect([item], detector, cfg)[0]
+    if decoded.reason is not None:
+        return Outcome(reason=decoded.reason)
+    image, scale = decoded.image, decoded.scale
+    raw = detect_with_retry(image, detector, cfg.pad_retry, filtered=False, first=decoded.faces)
+    faces, reason = select_faces(raw, cfg)
     fallback = False
     if reason == "no_face" and cfg.landmark_fallback and item.landmarks is not None:
         faces, reason, fallback = [face_from_landmarks(item.landmarks * scale, *image.shape[:2])], None, True

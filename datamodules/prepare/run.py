@@ -1,19 +1,24 @@
 """The preparation driver: `prepare(cfg)` streams the inputs into shard slots, skips completed shards, processes
-the rest and writes the manifest (see the package docstring for the whole contract)."""
+the rest (in this process, or one shard per task in --workers spawned processes) and writes the manifest (see
+the package docstring for the whole contract)."""
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from datamodules.captions import VLMCaptioner, load_caption_table
 from datamodules.prepare.config import PrepareConfig, PrepareError, validate_config
-from datamodules.prepare.image import CaptionSources, process_item
+from datamodules.prepare.image import CaptionSources, decode_and_detect, process_item
 from datamodules.prepare.shards import (
     MANIFEST,
     SHARD_PATTERN,
@@ -39,7 +44,8 @@ class Runtime:
     @property
     def detector(self) -> FaceDetector:
         if self._detector is None:
-            self._detector = FaceDetector(min_prob=0.0, min_size=0.0, device=self.cfg.device)
+            self._detector = FaceDetector(min_prob=0.0, min_size=0.0, device=self.cfg.device,
+                                          detect_size=self.cfg.detect_size)
         return self._detector
 
     @property
@@ -54,19 +60,110 @@ class Runtime:
         return self._captions
 
 
+def chunks(slot: Iterable[tuple[int, SourceItem]], size: int) -> Iterator[list[tuple[int, SourceItem]]]:
+    """Consecutive lists of `size` (the last may be shorter) from a streamed slot."""
+    it = iter(slot)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
 def write_shard(
-    out: Path, name: str, slot: Iterable[tuple[int, SourceItem]], rt: Runtime, bar: tqdm
+    out: Path, name: str, slot: Iterable[tuple[int, SourceItem]], rt: Runtime, progress: Callable[[int], object]
 ) -> tuple[dict, int]:
-    """Process the inputs of one shard slot (streamed) and write it; returns (manifest entry, inputs)."""
+    """Process the inputs of one shard slot (streamed, in chunks of --detect-batch whose detection is batched)
+    and write it; returns (manifest entry, inputs). `progress(n)` is told of every processed input."""
     run = ShardRun(out, name)
     try:
-        for index, item in slot:
-            run.add(item.key, process_item(index, item, rt.detector, rt.captions, rt.cfg))
-            bar.update(1)
+        for chunk in chunks(slot, rt.cfg.detect_batch):
+            decoded = decode_and_detect([item for _, item in chunk], rt.detector, rt.cfg)
+            for (index, item), dec in zip(chunk, decoded):
+                run.add(item.key, process_item(index, item, rt.detector, rt.captions, rt.cfg, dec))
+                progress(1)
         return run.commit(), run.stats["inputs"]
     except BaseException:
         run.abort()
         raise
+
+
+# ----------------------------------------------------------------------------------------------
+# worker processes (--workers > 1): each incomplete shard is one task; the main process keeps the manifest
+
+_WORKER: dict = {}
+
+
+def _init_worker(cfg: PrepareConfig, table: dict[str, str], progress: Any) -> None:
+    """Worker start-up (spawn): one torch thread, its own lazily built detector and captioner."""
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    _WORKER.update(rt=Runtime(cfg, table), progress=progress)
+
+
+def _worker_shard(name: str, slot: list[tuple[int, SourceItem]]) -> tuple[dict, int]:
+    rt: Runtime = _WORKER["rt"]
+    return write_shard(Path(rt.cfg.out), name, slot, rt, _WORKER["progress"].put)
+
+
+def _drain(queue: Any, bar: tqdm) -> None:
+    while True:
+        try:
+            bar.update(queue.get_nowait())
+        except Empty:
+            return
+
+
+def run_parallel(
+    cfg: PrepareConfig, table: dict[str, str], tasks: Iterator[tuple[str, Iterable]], bar: tqdm,
+    done: Callable[[str, dict, int], None],
+) -> None:
+    """Run the shard tasks in cfg.workers spawned processes (at most 2 per worker queued, so streamed inputs
+    are not all held in memory); `done(name, entry, inputs)` is called in the main process as each completes."""
+    ctx = multiprocessing.get_context("spawn")  # CUDA-safe, and no fork of a process holding torch threads
+    queue = ctx.Queue()
+    with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(cfg, table, queue)) as pool:
+        pending: dict[Future, str] = {}
+        try:
+            for name, slot in tasks:
+                pending[pool.submit(_worker_shard, name, list(slot))] = name
+                while len(pending) >= 2 * cfg.workers:
+                    _collect(pending, queue, bar, done)
+            while pending:
+                _collect(pending, queue, bar, done)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    _drain(queue, bar)
+
+
+def _collect(pending: dict[Future, str], queue: Any, bar: tqdm, done: Callable[[str, dict, int], None]) -> None:
+    """Wait a little for a task; record those finished (a worker's exception is raised here)."""
+    finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+    _drain(queue, bar)
+    for fut in finished:
+        name = pending.pop(fut)
+        done(name, *fut.result())
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+
+
+def shard_tasks(
+    cfg: PrepareConfig, out: Path, manifest: dict, items: Iterable[SourceItem], bar: tqdm, seen: set[str]
+) -> Iterator[tuple[str, Iterable[tuple[int, SourceItem]]]]:
+    """(shard name, its streamed slot of (index, item)) for every shard still to write; completed shards are
+    checked (same inputs) and skipped, and every shard name is added to `seen`."""
+    slots = itertools.groupby(enumerate(items), key=lambda t: t[0] // cfg.samples_per_shard)
+    for shard_index, slot in slots:
+        name = SHARD_PATTERN.format(shard_index)
+        seen.add(name)
+        entry = manifest["shards"].get(name)
+        if entry is not None and (out / name).is_file():
+            keys = [it.key for _, it in slot]  # completed: read keys only, decode nothing
+            check_completed(out, name, entry, keys)
+            bar.update(len(keys))
+            continue
+        yield name, slot
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -79,27 +176,30 @@ def prepare(cfg: PrepareConfig) -> dict:
     manifest["finished"] = False
     table = load_caption_table(cfg.captions) if cfg.captions else {}  # a bad file fails before detection
     total, items = enumerate_inputs(cfg)
-    rt = Runtime(cfg, table)
     processed, seconds = 0, 0.0
+    seen: set[str] = set()
+
+    def done(name: str, entry: dict, n: int) -> None:
+        nonlocal processed
+        manifest["shards"][name] = entry
+        processed += n
+        summarise(manifest)
+        write_json_atomic(out / MANIFEST, manifest)
+
     with tqdm(total=total, unit="img", desc="prepare", dynamic_ncols=True) as bar:
-        slots = itertools.groupby(enumerate(items), key=lambda t: t[0] // cfg.samples_per_shard)
-        seen: set[str] = set()
-        for shard_index, slot in slots:
-            name = SHARD_PATTERN.format(shard_index)
-            seen.add(name)
-            entry = manifest["shards"].get(name)
-            if entry is not None and (out / name).is_file():
-                keys = [it.key for _, it in slot]  # completed: read keys only, decode nothing
-                check_completed(out, name, entry, keys)
-                bar.update(len(keys))
-                continue
-            _ = rt.detector  # build the model outside the timed region
-            t0 = time.perf_counter()
-            manifest["shards"][name], n = write_shard(out, name, slot, rt, bar)
-            seconds += time.perf_counter() - t0
-            processed += n
-            summarise(manifest)
-            write_json_atomic(out / MANIFEST, manifest)
+        tasks = shard_tasks(cfg, out, manifest, items, bar, seen)
+        if cfg.workers == 1:
+            rt = Runtime(cfg, table)
+            for name, slot in tasks:
+                _ = rt.detector  # build the model outside the timed region
+                t0 = time.perf_counter()
+                entry, n = write_shard(out, name, slot, rt, bar.update)
+                seconds += time.perf_counter() - t0
+                done(name, entry, n)
+        else:
+            t0 = time.perf_counter()  # wall time, worker start-up (spawn, model load) included
+            run_parallel(cfg, table, tasks, bar, done)
+            seconds = time.perf_counter() - t0 if processed else 0.0
     stale = sorted(set(manifest["shards"]) - seen)
     if stale:
         raise PrepareError(f"{out / MANIFEST}: lists {stale} but the inputs now fill fewer shards; use a new --out")
@@ -109,12 +209,17 @@ def prepare(cfg: PrepareConfig) -> dict:
         "images": processed,
         "seconds": round(seconds, 3),
         "images_per_s": round(rate, 3),
-        "torch_threads": torch.get_num_threads(),
+        "workers": cfg.workers,
+        "torch_threads": 1 if cfg.workers > 1 else torch.get_num_threads(),
+        "detect_size": cfg.detect_size,
+        "detect_batch": cfg.detect_batch,
+        "device": cfg.device,
     }
     manifest["finished"] = True
     write_json_atomic(out / MANIFEST, manifest)
     print(
         f"prepared {manifest['kept']} of {manifest['inputs']} images into {len(manifest['shards'])} shard(s) "
-        f"in {out}; dropped {manifest['dropped']}; this run: {processed} images, {rate:.2f} images/s"
+        f"in {out}; dropped {manifest['dropped']}; this run: {processed} images, {rate:.2f} images/s "
+        f"({cfg.workers} worker(s), detection at {cfg.detect_size or 'full'} px, batches of {cfg.detect_batch})"
     )
     return manifest

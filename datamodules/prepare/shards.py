@@ -11,7 +11,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from datamodules.prepare.config import PrepareConfig, PrepareError
+from datamodules.prepare.config import LEGACY_SETTINGS, PrepareConfig, PrepareError
 from datamodules.prepare.image import REASONS, Outcome
 from datamodules.schema import encode_sample
 
@@ -39,7 +39,7 @@ def load_manifest(out: Path, cfg: PrepareConfig) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise PrepareError(f"{path}: unreadable manifest ({e}); remove it to start over") from e
-    old, new = manifest.get("settings", {}), cfg.content_settings()
+    old, new = {**LEGACY_SETTINGS, **manifest.get("settings", {})}, cfg.content_settings()
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
@@ -73,7 +73,8 @@ class ShardRun:
     def __init__(self, out: Path, name: str) -> None:
         self.final = out / name
         self.tmp = out / (name + ".tmp")
-        self.writer = wds.TarWriter(str(self.tmp), encoder=False)
+        # a fixed member mtime: the same inputs and settings give byte-identical shard files
+        self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=0.0)
         self.stats = {"inputs": 0, "kept": 0, "dropped": Counter(), "landmark_fallback": 0}
         self.keys: list[str] = []
 

@@ -9,6 +9,7 @@ import datamodules.prepare as preparation
 from datamodules.prepare.config import PrepareConfig, resolve_paths, validate_config
 from datamodules.prepare.run import prepare
 from src.cli import exit_status
+from src.faces import DEFAULT_DETECT_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shuffle", action="store_true", help="folder/celeba: seeded shuffle of the input order")
     p.add_argument("--seed", type=int, default=0, help="seed for --shuffle and torch")
-    p.add_argument("--device", default="cpu", help="torch device for MTCNN and the captioner")
+    p.add_argument("--detect-size", type=int, default=DEFAULT_DETECT_SIZE,
+                   help="detect faces on a copy with the longer side <= this (boxes mapped back); 0: full resolution")
+    p.add_argument("--detect-batch", type=int, default=8,
+                   help="inputs decoded and detected together (equal-size detection copies share an MTCNN batch)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes, one shard per task, one torch thread each; 1: this process (same shards)")
+    p.add_argument("--device", default="cpu", help="torch device for MTCNN and the captioner (e.g. cuda)")
     return p
 
 

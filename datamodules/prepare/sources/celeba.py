@@ -2,6 +2,7 @@
 ``list_landmarks_align_celeba.txt``, whose landmarks are the fallback when MTCNN finds no face)."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def list_celeba(root: Path) -> list[SourceItem]:
         items.append(
             SourceItem(
                 key=p.name,
-                read=lambda p=p: load_rgb(p),
+                read=partial(load_rgb, p),  # picklable: items travel to worker processes
                 identity=ident[0] if ident else None,
                 caption_keys=(p.name, f"img_align_celeba/{p.name}"),
                 landmarks=lm_arr,

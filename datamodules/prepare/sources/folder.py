@@ -2,6 +2,7 @@
 and a sidecar ``<stem>.txt`` is an image's source text."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 from datamodules.prepare.config import PrepareError
@@ -28,7 +29,7 @@ def list_folder(root: Path) -> list[SourceItem]:
         items.append(
             SourceItem(
                 key=rel,
-                read=lambda p=p: load_rgb(p),
+                read=partial(load_rgb, p),  # picklable: items travel to worker processes
                 identity=parts[0] if len(parts) > 1 else None,
                 text=_read_text(p.with_suffix(".txt")),
                 caption_keys=(rel,),

@@ -7,6 +7,7 @@ import json
 import re
 import tarfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,13 +74,15 @@ def _wds_text(group: dict[str, bytes]) -> str | None:
     return None
 
 
-def _wds_reader(data: bytes | None, source: str) -> Callable[[], np.ndarray]:
-    def read() -> np.ndarray:
-        if data is None:
-            raise UnreadableImageError(f"{source}: sample has no image field ({', '.join(WDS_IMAGE_FIELDS)})")
-        return decode_rgb(data, source)
+def _wds_read(data: bytes | None, source: str) -> np.ndarray:
+    if data is None:
+        raise UnreadableImageError(f"{source}: sample has no image field ({', '.join(WDS_IMAGE_FIELDS)})")
+    return decode_rgb(data, source)
 
-    return read
+
+def _wds_reader(data: bytes | None, source: str) -> Callable[[], np.ndarray]:
+    """The sample's `read` (a partial, picklable: items travel to worker processes)."""
+    return partial(_wds_read, data, source)
 
 
 def iter_wds(spec: str) -> Iterator[SourceItem]:
