@@ -43,6 +43,11 @@ progress bar. The shards are the same (keys, order, bytes) for any N, so --worke
 are not settings of the output (--detect-batch is: batching changes the last float bits of
 detections). A killed run leaves only ``.tar.tmp`` files of the shards in progress, redone next run.
 A manifest written before --detect-size / --detect-batch existed means --detect-size 0 --detect-batch 1.
+
+--distributor ray [--ray-address HOST:PORT]: the same per-shard tasks as Ray remote tasks (retried by Ray),
+on the cluster at the address (the project installed on every node, inputs and --out on a shared
+filesystem) or on a local instance of --workers CPUs; the driver keeps the manifest, skips and summary
+as above, and the shards are the same bytes (datamodules/prepare/distributed.py).
 """
 # (This docstring is the --help text of `uniportrait-prepare`, src/cli/prepare.py.)
 # Modules: `config` (PrepareConfig, PrepareError, validation), `sources` (the input formats: one module per

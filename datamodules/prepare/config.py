@@ -37,17 +37,21 @@ class PrepareConfig:
     detect_batch: int = 8
     workers: int = 1
     device: str = "cpu"
+    distributor: str = "local"
+    ray_address: str | None = None
 
     def content_settings(self) -> dict:
-        """The settings that change shard contents: all but out, device and workers (the shards are the same
-        for any --workers; --detect-batch can change detections in their last float bits)."""
+        """The settings that change shard contents: all but out, device, workers, distributor and ray_address
+        (the shards are the same for any of those; --detect-batch can change detections in their last float
+        bits)."""
         d = asdict(self)
         for runtime in RUNTIME_SETTINGS:
             d.pop(runtime)
         return d
 
 
-RUNTIME_SETTINGS = ("out", "device", "workers")
+RUNTIME_SETTINGS = ("out", "device", "workers", "distributor", "ray_address")
+DISTRIBUTORS = ("local", "ray")  # local: this process or --workers spawned processes; ray: Ray tasks
 # settings added after manifests were first written: their value in a manifest that lacks them
 LEGACY_SETTINGS = {"detect_size": 0, "detect_batch": 1}
 
@@ -74,7 +78,10 @@ def validate_config(cfg: PrepareConfig) -> None:
         (cfg.detect_size == 0 or cfg.detect_size >= 64, "detect_size", cfg.detect_size),
         (cfg.detect_batch >= 1, "detect_batch", cfg.detect_batch),
         (cfg.workers >= 1, "workers", cfg.workers),
+        (cfg.distributor in DISTRIBUTORS, "distributor", cfg.distributor),
     ]
     for ok, name, value in checks:
         if not ok:
             raise PrepareError(f"invalid --{name.replace('_', '-')}={value}")
+    if cfg.ray_address is not None and cfg.distributor != "ray":
+        raise PrepareError(f"--ray-address={cfg.ray_address} needs --distributor ray (not {cfg.distributor})")

@@ -1,6 +1,7 @@
 """The preparation driver: `prepare(cfg)` streams the inputs into shard slots, skips completed shards, processes
-the rest (in this process, or one shard per task in --workers spawned processes) and writes the manifest (see
-the package docstring for the whole contract)."""
+the rest (in this process, one shard per task in --workers spawned processes, or one shard per Ray task with
+--distributor ray, datamodules/prepare/distributed.py) and writes the manifest (see the package docstring for
+the whole contract)."""
 from __future__ import annotations
 
 import itertools
@@ -86,21 +87,28 @@ def write_shard(
 
 
 # ----------------------------------------------------------------------------------------------
-# worker processes (--workers > 1): each incomplete shard is one task; the main process keeps the manifest
+# worker processes (--workers > 1, or Ray's with --distributor ray): each incomplete shard is one task;
+# the main process keeps the manifest
 
 _WORKER: dict = {}
 
 
-def _init_worker(cfg: PrepareConfig, table: dict[str, str], progress: Any) -> None:
-    """Worker start-up (spawn): one torch thread, its own lazily built detector and captioner."""
+def init_worker(cfg: PrepareConfig, table: dict[str, str], progress: Any = None) -> None:
+    """Worker start-up: one torch thread, its own lazily built detector and captioner; `progress` (a queue,
+    or None) is told of every processed input."""
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
-    _WORKER.update(rt=Runtime(cfg, table), progress=progress)
+    _WORKER.update(rt=Runtime(cfg, table), progress=progress.put if progress is not None else _ignore)
 
 
-def _worker_shard(name: str, slot: list[tuple[int, SourceItem]]) -> tuple[dict, int]:
+def _ignore(n: int) -> None:
+    """No progress reports (a Ray task's progress is counted when it completes)."""
+
+
+def worker_shard(name: str, slot: list[tuple[int, SourceItem]]) -> tuple[dict, int]:
+    """The per-shard task in a worker set up by `init_worker`: write shard `name`; (manifest entry, inputs)."""
     rt: Runtime = _WORKER["rt"]
-    return write_shard(Path(rt.cfg.out), name, slot, rt, _WORKER["progress"].put)
+    return write_shard(Path(rt.cfg.out), name, slot, rt, _WORKER["progress"])
 
 
 def _drain(queue: Any, bar: tqdm) -> None:
@@ -119,12 +127,12 @@ def run_parallel(
     are not all held in memory); `done(name, entry, inputs)` is called in the main process as each completes."""
     ctx = multiprocessing.get_context("spawn")  # CUDA-safe, and no fork of a process holding torch threads
     queue = ctx.Queue()
-    with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
+    with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=init_worker,
                              initargs=(cfg, table, queue)) as pool:
         pending: dict[Future, str] = {}
         try:
             for name, slot in tasks:
-                pending[pool.submit(_worker_shard, name, list(slot))] = name
+                pending[pool.submit(worker_shard, name, list(slot))] = name
                 while len(pending) >= 2 * cfg.workers:
                     _collect(pending, queue, bar, done)
             while pending:
@@ -176,7 +184,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     manifest["finished"] = False
     table = load_caption_table(cfg.captions) if cfg.captions else {}  # a bad file fails before detection
     total, items = enumerate_inputs(cfg)
-    processed, seconds = 0, 0.0
+    processed, seconds, workers = 0, 0.0, cfg.workers
     seen: set[str] = set()
 
     def done(name: str, entry: dict, n: int) -> None:
@@ -188,7 +196,13 @@ def prepare(cfg: PrepareConfig) -> dict:
 
     with tqdm(total=total, unit="img", desc="prepare", dynamic_ncols=True) as bar:
         tasks = shard_tasks(cfg, out, manifest, items, bar, seen)
-        if cfg.workers == 1:
+        if cfg.distributor == "ray":
+            from datamodules.prepare.distributed import run_ray  # ray is imported only when asked for
+
+            t0 = time.perf_counter()  # wall time, Ray start-up (local instance, worker model load) included
+            workers = run_ray(cfg, table, tasks, bar, done, (init_worker, worker_shard))
+            seconds = time.perf_counter() - t0 if processed else 0.0
+        elif cfg.workers == 1:
             rt = Runtime(cfg, table)
             for name, slot in tasks:
                 _ = rt.detector  # build the model outside the timed region
@@ -209,8 +223,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         "images": processed,
         "seconds": round(seconds, 3),
         "images_per_s": round(rate, 3),
-        "workers": cfg.workers,
-        "torch_threads": 1 if cfg.workers > 1 else torch.get_num_threads(),
+        "workers": workers,
+        "distributor": cfg.distributor,
+        "torch_threads": 1 if workers > 1 or cfg.distributor == "ray" else torch.get_num_threads(),
         "detect_size": cfg.detect_size,
         "detect_batch": cfg.detect_batch,
         "device": cfg.device,
@@ -220,6 +235,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     print(
         f"prepared {manifest['kept']} of {manifest['inputs']} images into {len(manifest['shards'])} shard(s) "
         f"in {out}; dropped {manifest['dropped']}; this run: {processed} images, {rate:.2f} images/s "
-        f"({cfg.workers} worker(s), detection at {cfg.detect_size or 'full'} px, batches of {cfg.detect_batch})"
+        f"({workers} worker(s), {cfg.distributor}, detection at {cfg.detect_size or 'full'} px, "
+        f"batches of {cfg.detect_batch})"
     )
     return manifest

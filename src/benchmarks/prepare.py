@@ -36,16 +36,21 @@ class Setting:
     workers: int
     detect_size: int
     detect_batch: int
+    distributor: str = "local"
 
 
-def settings(workers: int, detect_size: int, detect_batch: int) -> list[Setting]:
-    """The old path, then each new piece added in turn."""
-    return [
+def settings(workers: int, detect_size: int, detect_batch: int, distributor: bool = True) -> list[Setting]:
+    """The old path, then each new piece added in turn; last, the same per-shard tasks through the Ray
+    distributor on a local instance of `workers` CPUs (its start-up included in the wall time)."""
+    rows = [
         Setting("old", 1, 0, 1),
         Setting("downscaled", 1, detect_size, 1),
         Setting("downscaled+batched", 1, detect_size, detect_batch),
         Setting(f"workers {workers}", workers, detect_size, detect_batch),
     ]
+    if distributor:
+        rows.append(Setting(f"ray, {workers} CPUs", workers, detect_size, detect_batch, "ray"))
+    return rows
 
 
 def _resize_long(image: np.ndarray, size: int) -> np.ndarray:
@@ -87,18 +92,19 @@ def run_setting(setting: Setting, photos: Path, out: Path, samples_per_shard: in
     shutil.rmtree(out, ignore_errors=True)
     cfg = PrepareConfig(input=str(photos), format="folder", out=str(out), samples_per_shard=samples_per_shard,
                         workers=setting.workers, detect_size=setting.detect_size,
-                        detect_batch=setting.detect_batch, device=device)
+                        detect_batch=setting.detect_batch, device=device, distributor=setting.distributor)
     t0 = time.perf_counter()
     manifest = prepare(cfg)
     wall = time.perf_counter() - t0
     tp = manifest["throughput"]
-    return {"name": setting.name, "workers": setting.workers, "detect_size": setting.detect_size,
+    return {"name": setting.name, "distributor": setting.distributor, "workers": setting.workers,
+            "detect_size": setting.detect_size,
             "detect_batch": setting.detect_batch, "images": tp["images"], "kept": manifest["kept"],
             "wall_s": wall, "images_per_s": tp["images"] / wall, "processing_images_per_s": tp["images_per_s"]}
 
 
 def run(photos: Path, work_dir: Path, workers: int, detect_size: int, detect_batch: int, device: str,
-        threads: int) -> list[dict]:
+        threads: int, distributor: bool = True) -> list[dict]:
     """Every setting on the same photos; shards of ceil(n / (2 * workers)) inputs so that every worker has
     shards to take (the same shard size for every row)."""
     from datamodules.prepare.sources.folder import list_folder
@@ -113,17 +119,18 @@ def run(photos: Path, work_dir: Path, workers: int, detect_size: int, detect_bat
     (warm / files[0].key).symlink_to((photos / files[0].key).resolve())
     run_setting(Setting("warm-up", 1, 0, 1), warm, work_dir / "warmup", 1, device)
     return [run_setting(s, photos, work_dir / s.name.replace(" ", "_").replace("+", "_"), per_shard, device)
-            for s in settings(workers, detect_size, detect_batch)]
+            for s in settings(workers, detect_size, detect_batch, distributor)]
 
 
 def table(rows: list[dict]) -> str:
     old = rows[0]["images_per_s"]
-    lines = ["| path | workers | detect size | detect batch | images | kept | wall (s) | images/s | "
+    lines = ["| path | distributor | workers | detect size | detect batch | images | kept | wall (s) | images/s | "
              "vs old | processing images/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         size = r["detect_size"] or "full"
-        lines.append(f"| {r['name']} | {r['workers']} | {size} | {r['detect_batch']} | {r['images']} | "
+        lines.append(f"| {r['name']} | {r['distributor']} | {r['workers']} | {size} | {r['detect_batch']} | "
+                     f"{r['images']} | "
                      f"{r['kept']} | {r['wall_s']:.2f} | {r['images_per_s']:.2f} | "
                      f"{r['images_per_s'] / old:.2f}x | {r['processing_images_per_s']:.2f} |")
     return "\n".join(lines)

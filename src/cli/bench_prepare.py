@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--detect-batch", type=int, default=8, help="inputs detected together")
     p.add_argument("--device", default="cpu", help="torch device for MTCNN (every row)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the one-process rows")
+    p.add_argument("--distributor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the Ray distributor's row (a local instance of --workers CPUs)")
     p.add_argument("--work-dir", type=Path, default=None, help="photos and outputs (default: a temporary dir)")
     p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--record", action=argparse.BooleanOptionalAction, default=False,
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     work, temporary = bench.scratch_dir(a.work_dir)
     try:
         photos, described = bench.photos_for(a.input, a.images, a.photo_size, work)
-        rows = bench.run(photos, work, a.workers, a.detect_size, a.detect_batch, a.device, a.threads)
+        rows = bench.run(photos, work, a.workers, a.detect_size, a.detect_batch, a.device, a.threads,
+                         a.distributor)
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 import datamodules.prepare as preparation
-from datamodules.prepare.config import PrepareConfig, resolve_paths, validate_config
+from datamodules.prepare.config import DISTRIBUTORS, PrepareConfig, resolve_paths, validate_config
 from datamodules.prepare.run import prepare
 from src.cli import exit_status
 from src.faces import DEFAULT_DETECT_SIZE
@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="processes, one shard per task, one torch thread each; 1: this process (same shards)")
     p.add_argument("--device", default="cpu", help="torch device for MTCNN and the captioner (e.g. cuda)")
+    p.add_argument("--distributor", default="local", choices=DISTRIBUTORS,
+                   help="local: this process or --workers processes; ray: one Ray task per shard, on a local "
+                        "Ray instance with --workers CPUs or the cluster at --ray-address (same shards)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --distributor ray: the cluster to use, 'auto' or HOST:PORT (default: start a local one)")
     return p
 
 

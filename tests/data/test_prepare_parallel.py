@@ -174,7 +174,7 @@ def test_bench_prepare_runs_on_four_images(tmp_path, capsys):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n")
     rows = main(["--images", "4", "--photo-size", "320", "--workers", "2", "--work-dir", str(tmp_path / "w"),
-                 "--doc", str(doc), "--no-record"])
+                 "--doc", str(doc), "--no-record", "--no-distributor"])
     text = capsys.readouterr().out
     assert [r["name"] for r in rows] == ["old", "downscaled", "downscaled+batched", "workers 2"]
     for r in rows:
