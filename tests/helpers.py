@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
 # a smaller model than the tiny configs' (one Q-Former layer, LoRA rank 4) for tests that only need it to run
 SMALL_MODEL = ["--model.qformer.depth=1", "--model.lora_rank=4"]
 
@@ -38,3 +41,18 @@ def write_components_yaml(components, path: Path) -> Path:
     comps = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(components).items()}
     path.write_text(yaml.safe_dump({"model": {"components": comps}}))
     return path
+
+
+class StubRecognizer:
+    """Test double: image i (every pixel == i) 'contains' the faces outputs[i] (K, D), largest first."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        self.outputs = outputs
+
+    def embed_faces(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.outputs[int(image[0, 0, 0])]
+        return emb, torch.zeros(len(emb), 4)
+
+    def embed_reference(self, image: np.ndarray) -> torch.Tensor | None:
+        emb, _ = self.embed_faces(image)
+        return emb[0] if len(emb) else None

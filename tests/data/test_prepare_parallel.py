@@ -76,21 +76,30 @@ def test_resume_after_kill_with_workers(runs, tmp_path):
     result, _ = runs
     out2, full, argv = result[2]
     out = tmp_path / "out"
-    shutil.copytree(out2, out)
+    mtimes = kill_during_shard_1(out2, out)
+    argv = [*argv[:argv.index("--out") + 1], str(out), *argv[argv.index("--out") + 2:]]
+    assert_resumed(out, prep_main(argv), mtimes, out2, full)
+
+
+def kill_during_shard_1(done: Path, out: Path) -> dict[str, int]:
+    """Copy the finished run `done` to `out` as a kill during shard 1 leaves it: shard 1's manifest entry and
+    final file missing, a half-written .tar.tmp left. Returns the mtimes of the completed shards 0 and 2."""
+    shutil.copytree(done, out)
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["shards"]["shard-000001.tar"]
     manifest["finished"] = False
     (out / "manifest.json").write_text(json.dumps(manifest))
     (out / "shard-000001.tar").unlink()
     (out / "shard-000001.tar.tmp").write_bytes(b"half a tar")
-    mtimes = {n: os.stat(out / n).st_mtime_ns for n in ("shard-000000.tar", "shard-000002.tar")}
+    return {n: os.stat(out / n).st_mtime_ns for n in ("shard-000000.tar", "shard-000002.tar")}
 
-    argv = [*argv[:argv.index("--out") + 1], str(out), *argv[argv.index("--out") + 2:]]
-    again = prep_main(argv)
+
+def assert_resumed(out: Path, again: dict, mtimes: dict[str, int], reference: Path, full: dict) -> None:
+    """The re-run into `out` skipped shards 0 and 2, redid shard 1, and equals the uninterrupted run."""
     assert {n: os.stat(out / n).st_mtime_ns for n in mtimes} == mtimes  # completed shards untouched
     assert again["throughput"]["images"] == 3  # only shard 1's inputs were processed
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", *full["completed_shards"]]
-    assert shard_bytes(out, again) == shard_bytes(out2, full) and again["shards"] == full["shards"]
+    assert shard_bytes(out, again) == shard_bytes(reference, full) and again["shards"] == full["shards"]
     assert again["finished"] is True
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import datamodules.prepare.run as prepare_run
 from datamodules.prepare.config import PrepareConfig
 from datamodules.prepare.distributed import MAX_RETRIES, connect
 from src.cli.prepare import main as prep_main
-from tests.data.test_prepare_parallel import photo_folder, shard_bytes
+from tests.data.test_prepare_parallel import assert_resumed, kill_during_shard_1, photo_folder, shard_bytes
 
 SETTINGS = ["--format", "folder", "--samples-per-shard", "3", "--detect-size", "256", "--detect-batch", "2"]
 RAY = ["--distributor", "ray", "--workers", "2"]
@@ -114,21 +112,9 @@ def test_resume_after_kill_with_ray(reference, ray_instance, tmp_path):
     shards 0 and 2 and redoes shard 1, identical to the uninterrupted single-process run."""
     photos, out1, full, _ = reference
     out = tmp_path / "out"
-    shutil.copytree(out1, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    del manifest["shards"]["shard-000001.tar"]
-    manifest["finished"] = False
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    (out / "shard-000001.tar").unlink()
-    (out / "shard-000001.tar.tmp").write_bytes(b"half a tar")
-    mtimes = {n: os.stat(out / n).st_mtime_ns for n in ("shard-000000.tar", "shard-000002.tar")}
-
+    mtimes = kill_during_shard_1(out1, out)
     again = prep_main(["--input", str(photos), "--out", str(out), *SETTINGS, *RAY])
-    assert {n: os.stat(out / n).st_mtime_ns for n in mtimes} == mtimes  # completed shards untouched
-    assert again["throughput"]["images"] == 3  # only shard 1's inputs were processed
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", *full["completed_shards"]]
-    assert shard_bytes(out, again) == shard_bytes(out1, full) and again["shards"] == full["shards"]
-    assert again["finished"] is True
+    assert_resumed(out, again, mtimes, out1, full)
 
 
 def test_a_task_that_raises_once_is_retried(reference, ray_instance, tmp_path, monkeypatch):

@@ -7,17 +7,22 @@
 - `released_layout(unet, ...)`: random adapter tensors in the RELEASED layout, written by hand from
   official-checkpoints.md (processor index i over `unet.attn_processors`, `{i}.to_q_lora.down.weight`
   rank x in, ...), independent of src.inference.convert's key map.
+- `run_pipeline(pipe, ids, steps)` / `image_array(images)`: one quick generation, and its images as int16 arrays
+  (for exact and tolerance comparisons).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import save_file
 
+from src.inference.pipeline import Identity, PipelineOutput, UniPortraitPipeline
 from src.models import presets
 from src.models.face_backbone import IRBackbone
 from src.models.id_embedding import IDEmbedding
@@ -151,3 +156,18 @@ def random_crops(r: int = 1, seed: int = 0, size: int = 112) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(r, 3, 8, 8, generator=g) * 2 - 1
     return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+
+
+PROMPT = "a photo of a person"
+
+
+def run_pipeline(pipe: UniPortraitPipeline, ids: list[Identity], steps: int, **kw) -> PipelineOutput:
+    """`pipe(PROMPT, ids, ...)` with `steps` denoising steps and no progress bar (other arguments pass through)."""
+    kw.setdefault("num_inference_steps", steps)
+    kw.setdefault("progress", False)
+    return pipe(PROMPT, ids, **kw)
+
+
+def image_array(images: list[Image.Image]) -> np.ndarray:
+    """(N, H, W, 3) int16: differences of two generations do not wrap around."""
+    return np.stack([np.asarray(im) for im in images]).astype(np.int16)

@@ -14,12 +14,21 @@ from src.inference import convert
 from src.inference.pipeline import Identity, UniPortraitPipeline, make_scheduler
 from src.models import adapters
 from src.models.faceid_attention import FaceIDAttnProcessor
-from tests.inference.helpers import RANK, one_thread, random_crops, tiny_embedding_for, write_released, write_tiny_world  # noqa: F401 (fixture)
+from tests.inference.helpers import (  # noqa: F401 (one_thread: a fixture)
+    PROMPT,
+    RANK,
+    image_array,
+    one_thread,
+    random_crops,
+    run_pipeline,
+    tiny_embedding_for,
+    write_released,
+    write_tiny_world,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 3
-PROMPT = "a photo of a person"
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +45,8 @@ def pipe(world: dict) -> UniPortraitPipeline:
     return UniPortraitPipeline.from_released(world["paths"], world["faceid"], world["router"], dim_head=16)
 
 
-def _arr(images: list[Image.Image]) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in images]).astype(np.int16)
-
-
 def _run(pipe: UniPortraitPipeline, ids: list[Identity], **kw):
-    kw.setdefault("num_inference_steps", STEPS)
-    kw.setdefault("progress", False)
-    return pipe(PROMPT, ids, **kw)
+    return run_pipeline(pipe, ids, STEPS, **kw)
 
 
 ID_A = Identity.from_crops(random_crops(1, seed=1))
@@ -55,8 +58,8 @@ def test_single_id_generation_depends_on_the_identity(pipe: UniPortraitPipeline)
     assert len(out.images) == 2 and out.images[0].size == (64, 64) and out.routing_maps is None
     again = _run(pipe, [ID_A], num_images=2)
     other = _run(pipe, [ID_B], num_images=2)
-    assert np.array_equal(_arr(out.images), _arr(again.images))  # seeded
-    assert not np.array_equal(_arr(out.images), _arr(other.images))  # the identity reaches the image
+    assert np.array_equal(image_array(out.images), image_array(again.images))  # seeded
+    assert not np.array_equal(image_array(out.images), image_array(other.images))  # the identity reaches the image
 
 
 def test_faceid_scale_zero_without_lora_equals_plain_stable_diffusion(world: dict, pipe: UniPortraitPipeline) -> None:
@@ -70,9 +73,9 @@ def test_faceid_scale_zero_without_lora_equals_plain_stable_diffusion(world: dic
     plain.set_progress_bar_config(disable=True)
     ref = plain(PROMPT, negative_prompt="", num_inference_steps=STEPS, guidance_scale=7.5, height=64, width=64,
                 generator=torch.Generator().manual_seed(0)).images
-    assert np.array_equal(_arr(ours.images), _arr(ref))
+    assert np.array_equal(image_array(ours.images), image_array(ref))
     with_lora = _run(pipe, [ID_A], faceid_scale=0.0)  # the single-ID LoRA alone changes the output
-    assert not np.array_equal(_arr(with_lora.images), _arr(ref))
+    assert not np.array_equal(image_array(with_lora.images), image_array(ref))
 
 
 def test_multi_reference_runs_and_uses_every_reference(pipe: UniPortraitPipeline) -> None:
@@ -93,8 +96,8 @@ def test_interpolation_weight_zero_is_the_identity_and_one_is_the_partner(pipe: 
     assert torch.equal(pipe.identity_tokens(mixed0, 0.1), a)
     assert torch.equal(pipe.identity_tokens(mixed1, 0.1), b)
     torch.testing.assert_close(pipe.identity_tokens(half, 0.1), 0.5 * a + 0.5 * b)
-    assert np.array_equal(_arr(_run(pipe, [mixed0]).images), _arr(_run(pipe, [ID_A]).images))
-    assert np.array_equal(_arr(_run(pipe, [mixed1]).images), _arr(_run(pipe, [ID_B]).images))
+    assert np.array_equal(image_array(_run(pipe, [mixed0]).images), image_array(_run(pipe, [ID_A]).images))
+    assert np.array_equal(image_array(_run(pipe, [mixed1]).images), image_array(_run(pipe, [ID_B]).images))
 
 
 def test_identity_tokens_are_computed_once_per_call(pipe: UniPortraitPipeline) -> None:
@@ -131,7 +134,7 @@ def test_masked_multi_id_generation(pipe: UniPortraitPipeline) -> None:
     assert m.name == "explicit_masks" and m.hard.shape == (1, 2, 16, 16)
     assert torch.equal(m.hard[0, 0, :, :8], torch.ones(16, 8)) and torch.equal(m.hard[0, 1, :, 8:], torch.ones(16, 8))
     routed = _run(pipe, [ID_A, ID_B])
-    assert not np.array_equal(_arr(out.images), _arr(routed.images))
+    assert not np.array_equal(image_array(out.images), image_array(routed.images))
     with pytest.raises(ValueError, match="masks must be"):
         _run(pipe, [ID_A, ID_B], masks=torch.zeros(3, 64, 64))
 
@@ -152,7 +155,7 @@ def test_from_checkpoint_reproduces_the_same_weights(world: dict, pipe: UniPortr
     convert.export_checkpoint_safetensors(tmp_path / "m.ckpt", tmp_path / "m.safetensors")
     ours = UniPortraitPipeline.from_checkpoint(world["paths"], tmp_path / "m.safetensors")
     for ids in ([ID_A], [ID_A, ID_B]):
-        assert np.array_equal(_arr(_run(ours, ids).images), _arr(_run(pipe, ids).images))
+        assert np.array_equal(image_array(_run(ours, ids).images), image_array(_run(pipe, ids).images))
 
 
 
@@ -181,8 +184,8 @@ def test_export_cli_writes_the_released_layout_that_generates_identically(world:
                                                  dim_head=16)
         ours = UniPortraitPipeline.from_checkpoint(world["paths"], ckpt)
         for ids in ([ID_A], [ID_A, ID_B]) if stage == 2 else ([ID_A],):
-            assert np.array_equal(_arr(_run(back, ids).images), _arr(_run(ours, ids).images))
-    assert np.array_equal(_arr(_run(back, [ID_A]).images), _arr(_run(pipe, [ID_A]).images))
+            assert np.array_equal(image_array(_run(back, ids).images), image_array(_run(ours, ids).images))
+    assert np.array_equal(image_array(_run(back, [ID_A]).images), image_array(_run(pipe, [ID_A]).images))
 
 
 def test_export_float16_halves_the_files_and_loads_back_the_rounded_weights(world: dict, pipe: UniPortraitPipeline,
@@ -225,9 +228,10 @@ def test_fused_lora_matches_unfused(pipe: UniPortraitPipeline) -> None:
         assert pipe._fused == "multi_id"
     finally:
         pipe.fuse_lora(False)
-    assert np.abs(_arr(fused_single.images) - _arr(plain_single.images)).max() <= 2
-    assert np.abs(_arr(fused_multi.images) - _arr(plain_multi.images)).max() <= 2
-    assert np.array_equal(_arr(_run(pipe, [ID_A]).images), _arr(plain_single.images))  # unfused exactly again
+    assert np.abs(image_array(fused_single.images) - image_array(plain_single.images)).max() <= 2
+    assert np.abs(image_array(fused_multi.images) - image_array(plain_multi.images)).max() <= 2
+    again = _run(pipe, [ID_A])
+    assert np.array_equal(image_array(again.images), image_array(plain_single.images))  # unfused exactly again
 
 
 def test_controlnet_pipeline_runs_with_the_adapters(world: dict) -> None:
@@ -243,7 +247,7 @@ def test_controlnet_pipeline_runs_with_the_adapters(world: dict) -> None:
     with_id = _run(cn, [ID_A], control_image=control)
     without = _run(cn, [ID_A], control_image=control, faceid_scale=0.0)
     assert with_id.images[0].size == (64, 64)
-    assert not np.array_equal(_arr(with_id.images), _arr(without.images))
+    assert not np.array_equal(image_array(with_id.images), image_array(without.images))
     maps = _run(cn, [ID_A, ID_B], control_image=control, return_routing_maps=True).routing_maps
     assert len(maps) == len(adapters.faceid_processors(nets.unet))
     with pytest.raises(ValueError, match="control_image"):

@@ -22,24 +22,10 @@ from src.metrics import (
     load_open_clip,
 )
 from src.metrics.fid import torch_fidelity_available
+from tests.helpers import StubRecognizer
 
 
 # ----------------------------------------------------------------------------- Face Sim
-class StubRecognizer:
-    """Test double: image i (every pixel == i) 'contains' the faces outputs[i] (K, D), largest first."""
-
-    def __init__(self, outputs: list[torch.Tensor]) -> None:
-        self.outputs = outputs
-
-    def embed_faces(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.outputs[int(image[0, 0, 0])]
-        return emb, torch.zeros(len(emb), 4)
-
-    def embed_reference(self, image: np.ndarray) -> torch.Tensor | None:
-        emb, _ = self.embed_faces(image)
-        return emb[0] if len(emb) else None
-
-
 def img(i: int) -> np.ndarray:
     return np.full((8, 8, 3), i, dtype=np.uint8)
 

@@ -9,6 +9,7 @@ import torch
 
 from src.metrics import MultiIdentityMetrics, MultiIdScore, greedy_match, hungarian_match, multi_id_score
 from src.metrics.multi_id import id_conf
+from tests.helpers import StubRecognizer
 
 REFS = torch.eye(4, dtype=torch.float64)[:2]  # references e0, e1
 F0 = torch.tensor([0.8, 0.2, 0.4, 0.4], dtype=torch.float64)  # unit: cosines 0.8 with e0, 0.2 with e1
@@ -114,21 +115,6 @@ def test_id_conf_clamps_and_zeroes():
 
 
 # ----------------------------------------------------------------------------- the Metric
-class FixedRecognizer:
-    """Test double: image i (every pixel == i) 'contains' the faces outputs[i] (K, D), largest first."""
-
-    def __init__(self, outputs: list[torch.Tensor]) -> None:
-        self.outputs = outputs
-
-    def embed_faces(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.outputs[int(image[0, 0, 0])]
-        return emb, torch.zeros(len(emb), 4)
-
-    def embed_reference(self, image: np.ndarray) -> torch.Tensor | None:
-        emb, _ = self.embed_faces(image)
-        return emb[0] if len(emb) else None
-
-
 FOUR = [PERFECT, MISSING, NO_FACE, DUPLICATE]
 # Means over those four images, from the per-image figures asserted above.
 EXPECTED_FOUR = {
@@ -176,7 +162,7 @@ def test_metric_nan_where_nothing_contributed():
 
 
 def test_update_through_recognizer_equals_add_score():
-    metric = MultiIdentityMetrics(FixedRecognizer([f.float() for f in FOUR]))
+    metric = MultiIdentityMetrics(StubRecognizer([f.float() for f in FOUR]))
     images = [np.full((8, 8, 3), i, dtype=np.uint8) for i in range(len(FOUR))]
     refs = [REFS.float(), list(REFS.float()), REFS, REFS]  # (R, D) or a list of (D,)
     metric.update(images[:2], refs[:2])

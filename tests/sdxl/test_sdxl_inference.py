@@ -20,12 +20,11 @@ from src.models import adapters
 from src.tiny import tiny_components
 from src.tiny.sdxl import build_sdxl
 from tests.helpers import write_components_yaml
-from tests.inference.helpers import random_crops, tiny_embedding_for, write_released
+from tests.inference.helpers import PROMPT, image_array, random_crops, run_pipeline, tiny_embedding_for, write_released
 from tests.sdxl.test_sdxl_module import make_module, perturb_face_values, sized
 from tests.test_module import batch_from
 
 STEPS = 2
-PROMPT = "a photo of a person"
 ID_A = Identity.from_crops(random_crops(1, seed=1))
 ID_B = Identity.from_crops(random_crops(1, seed=2))
 
@@ -69,14 +68,8 @@ def checkpoints(sdxl_world, tiny_world, tmp_path_factory) -> dict[int, Path]:
     return {1: stage1, 2: _save(m2, root / "stage2.ckpt")}
 
 
-def _arr(images: list[Image.Image]) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in images]).astype(np.int16)
-
-
 def _run(pipe: UniPortraitPipeline, ids: list[Identity], **kw):
-    kw.setdefault("num_inference_steps", STEPS)
-    kw.setdefault("progress", False)
-    return pipe(PROMPT, ids, **kw)
+    return run_pipeline(pipe, ids, STEPS, **kw)
 
 
 def _adapter_weights(pipe: UniPortraitPipeline) -> dict[str, torch.Tensor]:
@@ -109,8 +102,8 @@ def test_a_stage2_checkpoint_generates_through_the_sdxl_pipeline(sdxl_world, che
     assert seen[0]["text_embeds"].shape == (2, pipe.components.text_encoder_2.config.projection_dim)
 
     a, b = _run(pipe, [ID_A]), _run(pipe, [ID_B])
-    assert not np.array_equal(_arr(a.images), _arr(b.images))
-    assert np.array_equal(_arr(a.images), _arr(_run(pipe, [ID_A]).images))  # deterministic per seed
+    assert not np.array_equal(image_array(a.images), image_array(b.images))
+    assert np.array_equal(image_array(a.images), image_array(_run(pipe, [ID_A]).images))  # deterministic per seed
     two = _run(pipe, [ID_A, ID_B], return_routing_maps=True)
     assert len(two.routing_maps) == len(adapters.faceid_processors(pipe.pipe.unet))
     for m in two.routing_maps:
@@ -120,7 +113,7 @@ def test_a_stage2_checkpoint_generates_through_the_sdxl_pipeline(sdxl_world, che
         fused = _run(pipe, [ID_A, ID_B])
     finally:
         pipe.fuse_lora(False)
-    assert np.abs(_arr(fused.images) - _arr(two.images)).max() <= 2
+    assert np.abs(image_array(fused.images) - image_array(two.images)).max() <= 2
 
 
 def test_the_sdxl_controlnet_pipeline_runs_with_the_adapters(sdxl_world, checkpoints):
@@ -135,7 +128,7 @@ def test_the_sdxl_controlnet_pipeline_runs_with_the_adapters(sdxl_world, checkpo
     with_id = _run(cn, [ID_A], control_image=control)
     without = _run(cn, [ID_A], control_image=control, faceid_scale=0.0)
     assert with_id.images[0].size == (64, 64)
-    assert not np.array_equal(_arr(with_id.images), _arr(without.images))
+    assert not np.array_equal(image_array(with_id.images), image_array(without.images))
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -165,7 +158,7 @@ def test_sdxl_export_reloads_bit_exactly_and_generates_identically(sdxl_world, c
     got, want = _adapter_weights(back), _adapter_weights(ours)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     for ids in ([ID_A], [ID_A, ID_B]) if stage == 2 else ([ID_A],):
-        assert np.array_equal(_arr(_run(back, ids).images), _arr(_run(ours, ids).images))
+        assert np.array_equal(image_array(_run(back, ids).images), image_array(_run(ours, ids).images))
 
 
 def test_the_safetensors_checkpoint_export_records_sdxl_and_loads_identically(sdxl_world, checkpoints, tmp_path):
