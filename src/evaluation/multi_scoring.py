@@ -27,6 +27,7 @@ from torch import Tensor
 from src.evaluation import prompts as bp
 from src.evaluation.identities import BenchIdentity
 from src.evaluation.jobs import Job
+from src.evaluation.scoring import score_clip
 from src.faces import box_mask
 from src.metrics import ClipScore, RoutingAccuracy
 from src.metrics.multi_id import MultiIdentityMetrics, MultiIdScore, multi_id_score
@@ -131,10 +132,7 @@ class SplitScores:
             if i == 0 and (job.names, job.prompt_index) in self.sheet_jobs:
                 self.sheet.append(SheetEntry(job.names, job.prompt, image, boxes.numpy().reshape(-1, 4),
                                              score.matched_face, score.matched, mean_routing(maps)))
-        if self.clip is not None:
-            self.clip.update(images, texts=[job.prompt] * len(images))
-            for r in refs:
-                self.clip.update(images, references=[r.image] * len(images))
+        score_clip(self.clip, job.prompt, images, refs)
         if keep_for_fid:
             self.fid_images += images
         self.num_images += len(images)

@@ -4,7 +4,6 @@ x100 (%), as in the paper's tables, except FID. The multi-ID splits: multi_scori
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +53,7 @@ class ProtocolScores:
                 m.add_score(score)
             for r in refs:
                 self._metric(self.per_identity, r.name).add_score(score)
-        if self.clip is not None:
-            self.clip.update(images, texts=[job.prompt] * len(images))
-            for r in refs:
-                self.clip.update(images, references=[r.image] * len(images))
+        score_clip(self.clip, job.prompt, images, refs)
         if keep_for_fid:
             self.fid_images += images
         self.num_images += len(images)
@@ -65,8 +61,7 @@ class ProtocolScores:
     def summary(self, fid: float | None) -> dict[str, Any]:
         """Numbers of this protocol (x100 except FID and counts)."""
         pct = lambda v: round(100 * float(v), 3)  # noqa: E731
-        warnings.filterwarnings("ignore", message=".*compute.*before the ..update", category=UserWarning)
-        face = self.face.compute()  # scores were added with add_score (torchmetrics saw no update call)
+        face = self.face.compute()
         out: dict[str, Any] = {"num_images": self.num_images, **{k: pct(v) for k, v in face.items()}}
         if self.clip is not None:
             out.update({k: round(float(v), 3) for k, v in self.clip.compute().items()})
@@ -74,6 +69,16 @@ class ProtocolScores:
         out["per_category"] = {k: pct(m.compute()["face_sim"]) for k, m in self.categories.items()}
         out["per_identity"] = {k: pct(m.compute()["face_sim"]) for k, m in self.per_identity.items()}
         return out
+
+
+def score_clip(clip: ClipScore | None, prompt: str, images: list[np.ndarray], refs: list[BenchIdentity]) -> None:
+    """Add one job's images to `clip`: CLIP-T against the prompt, CLIP-I against each reference photo (both
+    protocols; nothing without a CLIP model)."""
+    if clip is None:
+        return
+    clip.update(images, texts=[prompt] * len(images))
+    for r in refs:
+        clip.update(images, references=[r.image] * len(images))
 
 
 def compute_fid(images: list[np.ndarray], reference_dir: Path, feature: nn.Module | int, weights: Path | None) -> float:
