@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from src.faces import load_rgb
@@ -15,6 +16,12 @@ from src.inference.pipeline import Identity, PipelineOutput
 # identity colours of the routing-map PNGs (identity n -> PALETTE[n % len]); black = no identity
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [145, 30, 180], [70, 240, 240]],
                    dtype=np.uint8)
+
+
+def routing_colours(hard: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Hard routing (N, h, w) -> identity colours uint8 (h, w, 3) and the positions any identity claims (h, w)."""
+    colour = PALETTE[hard.argmax(0).numpy() % len(PALETTE)]  # (h, w, 3)
+    return colour, (hard.sum(0) > 0).numpy()
 
 
 def read_identities(specs: list[tuple[str, str]]) -> list[Identity]:
@@ -55,9 +62,8 @@ def save_outputs(out: PipelineOutput, out_dir: Path) -> list[Path]:
     size = out.images[0].size
     for m in out.routing_maps or []:
         for i in range(m.hard.shape[0]):
-            hard = m.hard[i]  # (N, h, w)
-            colour = PALETTE[hard.argmax(0).numpy() % len(PALETTE)]  # (h, w, 3)
-            colour[hard.sum(0).numpy() <= 0] = 0
+            colour, claimed = routing_colours(m.hard[i])  # (h, w, 3), (h, w)
+            colour[~claimed] = 0
             path = out_dir / "routing" / f"{m.name.replace('.', '_')}_img{i:02d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(colour).resize(size, Image.NEAREST).save(path)

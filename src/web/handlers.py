@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from src.conventions import CLIP_CROP_SIZE
 from src.faces import NoFaceError, UnreadableImageError, crops_for, decode_rgb, largest_face
-from src.inference.io import PALETTE
+from src.inference.io import PALETTE, routing_colours
 from src.inference.loading import LoadedPipeline
 from src.inference.pipeline import SCHEDULERS, Identity, PipelineOutput
 
@@ -102,12 +102,6 @@ def hex_colour(n: int) -> str:
     """Person n's colour (the routing-map PNGs' palette, `src.inference.io.PALETTE`) as #rrggbb."""
     r, g, b = (int(v) for v in PALETTE[n % len(PALETTE)])
     return f"#{r:02x}{g:02x}{b:02x}"
-
-
-def routing_colours(hard: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Hard routing (N, h, w) -> identity colours uint8 (h, w, 3) and the positions any identity claims (h, w)."""
-    colour = PALETTE[hard.argmax(0).numpy() % len(PALETTE)]  # (h, w, 3)
-    return colour, (hard.sum(0) > 0).numpy()
 
 
 def overlay(image: Image.Image, hard: torch.Tensor, alpha: float = OVERLAY_ALPHA) -> Image.Image:
