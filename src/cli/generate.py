@@ -22,11 +22,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from src.cli import exit_status, run_or_exit
+from src.cli.weights import add_weight_options, load_weights
 from src.inference.io import read_identities, read_masks, save_outputs
-from src.inference.loading import DEFAULT_RUNS, DEFAULT_TINY, load_pipeline
 from src.inference.pipeline import SCHEDULERS
 
 
@@ -43,21 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one identity from already aligned face crops (ArcFace-template alignment, any square "
                         "size; no detection); repeat per person")
     p.add_argument("--out", type=Path, required=True, help="output folder for the PNGs")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="a checkpoint trained here (.ckpt or exported .safetensors); default: the newest "
-                        f"last.ckpt under {DEFAULT_RUNS} when no released weights are given")
-    p.add_argument("--released-faceid", type=Path, default=None,
-                   help="released uniportrait-faceid_sd15.bin (or an exported uniportrait-faceid_sdxl.safetensors)")
-    p.add_argument("--released-router", type=Path, default=None,
-                   help="released uniportrait-router_sd15.bin (or uniportrait-router_sdxl.safetensors; needed for "
-                        "several identities without masks)")
-    p.add_argument("--dim-head", type=int, default=None,
-                   help="Q-Former head width of released weights (default: the file's metadata, else 64)")
-    p.add_argument("--components", type=Path, default=None,
-                   help="YAML with the ComponentPaths keys (or a config with model.components); default: the "
-                        f"embedded tiny world under {DEFAULT_TINY}")
-    p.add_argument("--base-model", default=None,
-                   help="diffusers SD1.5 or SDXL directory overriding components.base_model")
+    add_weight_options(p)
     p.add_argument("--face-scale", type=float, default=0.7, help="face-ID attention scale (default 0.7)")
     p.add_argument("--structure-scale", type=float, default=None,
                    help="face structure scale beta (default 0.1 for one identity, 0.3 for several)")
@@ -72,9 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit mask image per identity (white = this identity), in identity order; replaces "
                         "the router")
     p.add_argument("--routing-maps", action="store_true", help="also save the routing maps as PNGs")
-    p.add_argument("--fuse-lora", action="store_true", help="merge the active LoRA into the UNet weights (faster)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--fp16", action="store_true", help="half precision (GPU)")
     return p
 
 
@@ -84,12 +65,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise ValueError("give at least one --face or --face-crop")
     identities = read_identities(args.identities)
     masks = read_masks(args.mask, len(identities))
-    pipe = load_pipeline(components=args.components, base_model=args.base_model, checkpoint=args.checkpoint,
-                         released_faceid=args.released_faceid, released_router=args.released_router,
-                         dim_head=args.dim_head, device=args.device,
-                         dtype=torch.float16 if args.fp16 else None).pipeline
-    if args.fuse_lora:
-        pipe.fuse_lora(True)
+    pipe = load_weights(args).pipeline
     out = pipe(
         args.prompt, identities, negative_prompt=args.negative_prompt, faceid_scale=args.face_scale,
         structure_scale=args.structure_scale, guidance_scale=args.guidance, num_inference_steps=args.steps,

@@ -136,10 +136,10 @@ def test_face_less_photo_exits_nonzero_naming_the_file(world: dict, tmp_path: Pa
 def test_non_image_input_is_an_error_naming_it_before_any_weights_load(
     world: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, flag: str
 ) -> None:
-    def must_not_load(**kwargs):
+    def must_not_load(*args, **kwargs):
         raise AssertionError("weights were loaded before the inputs were checked")
 
-    monkeypatch.setattr(generate, "load_pipeline", must_not_load)
+    monkeypatch.setattr(generate, "load_weights", must_not_load)
     notes = tmp_path / "notes_not_a_photo.jpg"
     notes.write_text("these are meeting notes, not a JPEG")
     inputs = {"--face": ["--face", str(notes)], "--face-crop": ["--face-crop", str(notes)],
