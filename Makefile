@@ -2,6 +2,7 @@
 PY ?= .venv/bin/python
 VENV := .venv
 TINY := artifacts/tiny
+TINY_SDXL := artifacts/tiny-sdxl
 # One OpenMP thread per process on the small CPU machines these targets run on: the DataLoader
 # worker and test subprocesses share the cores, and oversubscribed OpenMP threads spin (measured
 # here: a tiny training step went from 0.08 s to 16 s). Override with `make OMP_NUM_THREADS=2 ...`.
@@ -10,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 # UNet pretraining step 1.5-2.4 s on one thread, 1.0-1.3 s on two).
 TINY_THREADS ?= 2
 # `make tiny PRETRAIN=1` pretrains the tiny UNet, VAE and face backbone here (~13 min on 2 cores) instead of
-# copying the shipped weights of assets/tiny.
+# copying the shipped weights of assets/tiny (`make tiny-sdxl PRETRAIN=1`: the tiny SDXL UNet, ~6 min).
 PRETRAIN ?=
 # Extra CLI arguments for both training stages (e.g. `make demo TRAIN_ARGS=--trainer.max_steps=200`,
 # what .ci/run does to keep CI inside its time limit); empty for the README's full run.
@@ -21,7 +22,8 @@ TRAIN_ARGS ?=
 CI_TRAIN_ARGS ?= --trainer.max_steps=200 --torch_threads=1
 
 .PHONY: install lint tiny tiny-assets demo train-tiny train-tiny-stage2 guard guard-control ci-tests ci-guard test \
-	test-slow browser test-all bench bench-gpu full-size eval clean
+	test-slow browser test-all bench bench-gpu full-size eval clean \
+	tiny-sdxl tiny-sdxl-assets train-tiny-sdxl train-tiny-sdxl-stage2 demo-sdxl guard-sdxl
 
 install: $(VENV)/.installed  ## create .venv and install the project with pinned versions
 
@@ -49,6 +51,28 @@ train-tiny-stage2: tiny  ## stage 2 from stage 1's last.ckpt (routing accuracy p
 	$(PY) -m src.train fit --config configs/tiny/stage2.yaml $(TRAIN_ARGS)
 
 demo: train-tiny train-tiny-stage2  ## the main job: both stages on the embedded default
+
+# The same on SDXL: a tiny SDXL world (two text encoders, a "text_time" UNet; src/tiny/sdxl.py) on make tiny's
+# data and identity encoders, both stages (configs/tiny/sdxl/), runs in runs/tiny-sdxl.
+tiny-sdxl: tiny  ## the tiny SDXL world in artifacts/tiny-sdxl (its pretrained UNet copied from assets/tiny-sdxl)
+	$(PY) -m src.cli.tiny_sdxl --out $(TINY_SDXL) --threads $(TINY_THREADS) $(if $(PRETRAIN),--pretrain)
+
+tiny-sdxl-assets: tiny  ## remake assets/tiny-sdxl: pretrain the tiny SDXL UNet in a fresh folder (~6 min), write it + manifest
+	rm -rf artifacts/tiny-sdxl-pretrain
+	$(PY) -m src.cli.tiny_sdxl --out artifacts/tiny-sdxl-pretrain --threads $(TINY_THREADS) --pretrain \
+		--save-assets assets/tiny-sdxl
+
+train-tiny-sdxl: tiny-sdxl  ## stage 1 on the tiny SDXL world (identity probe printed at the end)
+	$(PY) -m src.train fit --config configs/tiny/sdxl/stage1.yaml $(TRAIN_ARGS)
+
+train-tiny-sdxl-stage2: tiny-sdxl  ## stage 2 on the tiny SDXL world from its stage 1 (routing accuracy printed at the end)
+	$(PY) -m src.train fit --config configs/tiny/sdxl/stage2.yaml $(TRAIN_ARGS)
+
+demo-sdxl: train-tiny-sdxl train-tiny-sdxl-stage2  ## the main job on SDXL: both stages on the tiny SDXL world
+
+guard-sdxl: tiny-sdxl  ## after `make demo-sdxl`: its control (stage 2 without the routing loss), then the guard's figures
+	$(PY) -m src.guard control --config configs/tiny/sdxl/stage2.yaml $(TRAIN_ARGS)
+	$(PY) -m src.guard check --runs runs/tiny-sdxl
 
 guard: guard-control  ## after `make demo`: stage 2 without the routing loss (the control), then every learning figure against its threshold
 	$(PY) -m src.guard check

@@ -1,5 +1,6 @@
 """The default world's pretrained parts shipped in assets/tiny: which files, whether they match a build's
-options (manifest.json), and writing them (`make tiny-assets`)."""
+options (manifest.json), and writing them (`make tiny-assets`). The tiny SDXL world's UNet ships the same way
+in assets/tiny-sdxl (`src.tiny.sdxl`, `make tiny-sdxl-assets`)."""
 from __future__ import annotations
 
 import datetime
@@ -29,6 +30,8 @@ PRETRAINED_FILES = (
 # Built here from the seed, not shipped, but the UNet was pretrained against it: its hash is recorded so a
 # machine whose floats draw a different random text encoder says so.
 TEXT_ENCODER_FILE = "base/text_encoder/model.safetensors"
+# Data options that change how the world is made, not what: left out of the options shipped weights must match.
+DISPLAY_ONLY = ("progress", "workers")
 
 
 def sha256(path: Path) -> str:
@@ -42,14 +45,14 @@ def sha256(path: Path) -> str:
 def pretrain_options(seed: int, data_options: dict, vae_steps: int, unet_steps: int, face_steps: int,
                      pretrain_images: int, face_pooled_weight: float) -> dict:
     """Everything the pretrained parts depend on besides the code: what shipped weights must match."""
-    data = {k: v for k, v in data_options.items() if k not in ("progress", "workers")}  # display / speed only
+    data = {k: v for k, v in data_options.items() if k not in DISPLAY_ONLY}
     return {"seed": seed, "data": data, "vae_steps": vae_steps, "unet_steps": unet_steps,
             "face_steps": face_steps, "pretrain_images": pretrain_images, "face_pooled_weight": face_pooled_weight}
 
 
-def shipped_weights(assets: Path | None, options: dict) -> dict | None:
+def shipped_weights(assets: Path | None, options: dict, files: tuple[str, ...] = PRETRAINED_FILES) -> dict | None:
     """The manifest of the pretrained weights at `assets` when they were made with `options`, else None
-    (logged). Raises ValueError naming the file when a shipped file is not the one the manifest records."""
+    (logged). Raises ValueError naming the file when one of `files` is not the one the manifest records."""
     if assets is None:
         return None
     manifest_file = assets / "manifest.json"
@@ -64,7 +67,7 @@ def shipped_weights(assets: Path | None, options: dict) -> dict | None:
                  "pretraining the tiny parts here", assets, ", ".join(differ),
                  {k: made_with.get(k) for k in differ}, {k: options.get(k) for k in differ})
         return None
-    for rel in PRETRAINED_FILES:
+    for rel in files:
         want = manifest["sha256"].get(rel)
         path = assets / rel
         if not path.is_file():
@@ -82,10 +85,13 @@ def copy_shipped(assets: Path, out: Path, files: tuple[str, ...]) -> None:
         shutil.copyfile(assets / rel, out / rel)
 
 
-def save_assets(world: Path, assets: Path, command: str) -> dict:
-    """Write the pretrained parts of the world at `world` (built by `build(..., pretrain=True)`) to `assets`
-    with manifest.json: the options they were made with, each file's sha256, their pretraining figures, and
-    the date, commit, machine and versions that made them. Returns the manifest."""
+def save_assets(world: Path, assets: Path, command: str, files: tuple[str, ...] = PRETRAINED_FILES,
+                companions: tuple[str, ...] = (TEXT_ENCODER_FILE,),
+                figures: tuple[str, ...] = ("face_backbone", "vae_loss", "unet_loss")) -> dict:
+    """Write the pretrained parts (`files`) of the world at `world` (built with pretraining) to `assets`
+    with manifest.json: the options they were made with, each file's sha256 (and the sha256 of the
+    `companions` they were pretrained against), their pretraining `figures` from the world's
+    tiny_report.json, and the date, commit, machine and versions that made them. Returns the manifest."""
     report = json.loads((world / "tiny_report.json").read_text())
     if report.get("pretrained", {}).get("source") != "pretrained here":
         raise ValueError(f"{world / 'tiny_report.json'}: its pretrained parts were not pretrained in this folder "
@@ -97,15 +103,15 @@ def save_assets(world: Path, assets: Path, command: str) -> dict:
         commit = "unknown"
     manifest = {
         "options": report["pretrained"]["options"],
-        "sha256": {rel: sha256(world / rel) for rel in PRETRAINED_FILES},
-        "companions": {TEXT_ENCODER_FILE: sha256(world / TEXT_ENCODER_FILE)},
-        "report": {k: report[k] for k in ("face_backbone", "vae_loss", "unet_loss")},
+        "sha256": {rel: sha256(world / rel) for rel in files},
+        "companions": {rel: sha256(world / rel) for rel in companions},
+        "report": {k: report[k] for k in figures},
         "made": {"date": datetime.date.today().isoformat(), "commit": commit, "command": command,
                  "cpu": cpu_name(), "torch": torch.__version__, "seconds": report["pretrained"].get("seconds")},
     }
     if assets.exists():
         shutil.rmtree(assets)
-    copy_shipped(world, assets, PRETRAINED_FILES)
+    copy_shipped(world, assets, files)
     (assets / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("wrote the pretrained tiny parts of %s to %s", world, assets)
     return manifest

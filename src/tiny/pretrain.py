@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from datamodules.schema import decode_sample
 from src.conventions import uint8_to_unit
+from src.models.conditioning import added_cond_kwargs, compute_time_ids, encode_prompt
 
 
 def load_images(pattern: str, limit: int) -> tuple[torch.Tensor, list[str]]:
@@ -58,17 +59,24 @@ def pretrain_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 32, lr
 
 
 def pretrain_unet(
-    unet, vae, text_encoder, tokenizer, scheduler, images, captions, steps: int, batch_size: int = 32,
+    unet, vae, tokenizers, text_encoders, scheduler, images, captions, steps: int, batch_size: int = 32,
     lr: float = 1e-3, seed: int = 0,
 ) -> float:
-    """Text-conditional epsilon-prediction pretraining of the whole tiny UNet (the 'SD1.5' it stands for)."""
+    """Text-conditional epsilon-prediction pretraining of the whole tiny UNet (the base model it stands for).
+
+    `tokenizers` / `text_encoders`: one pair (SD1.5: the last hidden state conditions the UNet) or two
+    (SDXL: penultimate hidden states concatenated, text_encoder_2's pooled embedding and uncropped
+    `time_ids` as the added conditions), encoded as training encodes them (`src.models.conditioning`).
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         lat = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, len(images), 64)])
-        lat = lat * vae.config.scaling_factor
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        text = torch.cat([text_encoder(ids[i : i + 64])[0] for i in range(0, len(ids), 64)])
+        lat = lat * vae.config.scaling_factor  # (N, 4, H/f, W/f)
+        prompts = [encode_prompt(captions[i : i + 64], tokenizers, text_encoders) for i in range(0, len(captions), 64)]
+        text = torch.cat([p.hidden for p in prompts])  # (N, 77, D)
+        pooled = None if prompts[0].pooled is None else torch.cat([p.pooled for p in prompts])  # (N, P) on SDXL
+    target = torch.tensor(tuple(images.shape[-2:]))  # (2,) the renders are uncropped: original = target size
+    time_ids = compute_time_ids(target.expand(batch_size, 2), torch.zeros(batch_size, 2, dtype=torch.long), target)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
     unet.train()
     bar = tqdm(range(steps), desc="pretrain tiny UNet", leave=False)
@@ -76,7 +84,9 @@ def pretrain_unet(
         idx = torch.randint(0, len(lat), (batch_size,), generator=g)
         noise = torch.randn(lat[idx].shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
-        pred = unet(scheduler.add_noise(lat[idx], noise, t), t, encoder_hidden_states=text[idx]).sample
+        added = None if pooled is None else added_cond_kwargs(pooled[idx], time_ids)
+        pred = unet(scheduler.add_noise(lat[idx], noise, t), t, encoder_hidden_states=text[idx],
+                    added_cond_kwargs=added).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -84,4 +94,3 @@ def pretrain_unet(
         bar.set_postfix(loss=f"{loss.item():.4f}")
     unet.eval()
     return float(loss.detach())
-

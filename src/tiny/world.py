@@ -129,8 +129,8 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
             report["vae_loss"] = pretrain_vae(vae, images, vae_steps, seed=seed)
             vae.requires_grad_(False)
             unet = tiny_unet(sample_size=images.shape[-1] // 4)
-            report["unet_loss"] = pretrain_unet(unet, vae, text_encoder, tokenizer, scheduler, images, captions,
-                                                unet_steps, seed=seed)
+            report["unet_loss"] = pretrain_unet(unet, vae, (tokenizer,), (text_encoder,), scheduler, images,
+                                                captions, unet_steps, seed=seed)
             vae.save_pretrained(base / "vae")
             unet.save_pretrained(base / "unet")  # last: its presence marks the base model complete
     if todo:

@@ -18,7 +18,6 @@ from src.inference.loading import export_checkpoint, load_pipeline
 from src.inference.pipeline import Identity, UniPortraitPipeline
 from src.models import adapters
 from src.tiny import tiny_components
-from src.tiny.sdxl import build_sdxl
 from tests.helpers import write_components_yaml
 from tests.inference.helpers import PROMPT, image_array, random_crops, run_pipeline, tiny_embedding_for, write_released
 from tests.sdxl.test_sdxl_module import make_module, perturb_face_values, sized
@@ -27,11 +26,6 @@ from tests.test_module import batch_from
 STEPS = 2
 ID_A = Identity.from_crops(random_crops(1, seed=1))
 ID_B = Identity.from_crops(random_crops(1, seed=2))
-
-
-@pytest.fixture(scope="module")
-def sdxl_world(tiny_world, tmp_path_factory) -> Path:
-    return build_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), sd15_world=tiny_world)
 
 
 def _train_step(module, batch: dict) -> None:

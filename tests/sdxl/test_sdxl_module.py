@@ -24,15 +24,9 @@ from src.models.presets import ComponentPaths, detect_arch
 from src.module import MULTI, SINGLE, UniPortraitModule
 from src.tiny import tiny_components
 from src.tiny.architectures import TINY_SDXL_HIDDEN, TINY_SDXL_POOLED
-from src.tiny.sdxl import build_sdxl
 from tests.test_module import batch_from
 
 CROSS = sum(TINY_SDXL_HIDDEN)  # 32 + 32
-
-
-@pytest.fixture(scope="module")
-def sdxl_world(tiny_world, tmp_path_factory) -> Path:
-    return build_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), sd15_world=tiny_world)
 
 
 @pytest.fixture(scope="module")
