@@ -22,7 +22,7 @@ TRAIN_ARGS ?=
 CI_TRAIN_ARGS ?= --trainer.max_steps=200 --torch_threads=1
 
 .PHONY: install lint tiny tiny-assets demo train-tiny train-tiny-stage2 guard guard-control ci-tests ci-guard test \
-	test-slow browser test-all bench bench-gpu full-size eval clean \
+	test-slow browser test-all bench bench-gpu bench-gpu-sdxl full-size eval clean \
 	tiny-sdxl tiny-sdxl-assets train-tiny-sdxl train-tiny-sdxl-stage2 demo-sdxl guard-sdxl
 
 install: $(VENV)/.installed  ## create .venv and install the project with pinned versions
@@ -114,6 +114,9 @@ bench: tiny  ## the tiny preset's CPU training step, then (with CUDA) the SD1.5-
 # another way: `make bench-gpu PY=python`). Each row is isolated and the table is rewritten after every row.
 bench-gpu:  ## the SD1.5-scale benchmark alone on a CUDA device (compiled rows, batch 64 with gradient checkpointing)
 	$(PY) -m src.bench_sd15 --compile --big-batch 64
+
+bench-gpu-sdxl:  ## the SDXL-scale benchmark (1024 px) alone on a CUDA device (batch 4, 16 with gradient checkpointing)
+	$(PY) -m src.bench_sd15 --arch sdxl --compile --batch-size 4 --big-batch 16
 
 # The stage configs' own commands (`python -m src.train fit --config configs/stage1.yaml`, then stage2.yaml, generate,
 # export) at SD1.5 size on the CPU, on random weights: 2 steps per stage, batch 1, two threads per command. Needs

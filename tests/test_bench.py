@@ -24,19 +24,24 @@ def test_bench_measures_both_stages_and_rewrites_only_its_section(tiny_world, tm
     assert "recorded in" in capsys.readouterr().out
 
 
-def test_sd15_bench_code_runs_on_the_tiny_architecture(tmp_path, capsys):
+@pytest.mark.parametrize("arch", ["tiny", "tiny-sdxl"])
+def test_the_gpu_bench_code_runs_on_the_tiny_architectures(arch, tmp_path, capsys):
     """The GPU benchmark's code path (random weights, baseline loop, both stages, UNet part, a
-    checkpointed big batch, inference with 0/1/2 identities) on the tiny architecture on the CPU."""
+    checkpointed big batch, inference with 0/1/2 identities) on the tiny architectures on the CPU: the SD1.5
+    one, and the tiny SDXL world's (two text encoders, pooled text and time_ids) into its own section."""
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n")
-    bench_sd15.main(["--arch", "tiny", "--batch-size", "2", "--iters", "1", "--warmup", "0", "--steps", "2",
+    bench_sd15.main(["--arch", arch, "--batch-size", "2", "--iters", "1", "--warmup", "0", "--steps", "2",
                      "--infer-iters", "1", "--big-batch", "3", "--doc", str(doc)])
     text = doc.read_text()
-    assert text.count(sd15.BEGIN) == 1 and "Architecture `tiny`" in text
+    sdxl = arch == "tiny-sdxl"
+    begin, _ = sd15.markers(sd15.ARCHS[arch]())
+    assert text.count(begin) == 1 and f"Architecture `{arch}`" in text
+    assert (sd15.BEGIN in text) != sdxl and ("SDXL scale" in text) == sdxl
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     for name in ("baseline LoRA loop", "stage 1", "stage 1, UNet part", "stage 2", "stage 1, gradient checkpointing",
-                 "plain SD1.5 pipeline", "UniPortrait, 0 identities", "UniPortrait, 1 identity",
-                 "UniPortrait, 2 identities"):
+                 f"plain {'SDXL' if sdxl else 'SD1.5'} pipeline", "UniPortrait, 0 identities",
+                 "UniPortrait, 1 identity", "UniPortrait, 2 identities"):
         assert name in rows, name
     assert not any("failed" in line for line in rows.values())
     cell = lambda name, i: rows[name].split("|")[i].strip()  # noqa: E731
@@ -49,7 +54,20 @@ def test_sd15_bench_code_runs_on_the_tiny_architecture(tmp_path, capsys):
     assert cell("stage 1, gradient checkpointing", 6) == cell("stage 1", 6)  # the same model FLOPs per image
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA device"):
-            bench_sd15.main(["--arch", "sd15"])
+            bench_sd15.main(["--arch", "sdxl" if sdxl else "sd15"])
+
+
+def test_the_sdxl_preset_is_sdxl_base_shaped():
+    """The SDXL rows' random networks have SDXL base 1.0's shapes (checked on the configs, without building
+    the 2.6B-parameter UNet): 2048-wide cross-attention from 768 + 1280 text states, "text_time" conditioning
+    of 6 x 256 time ids + the 1280 pooled embedding, 1024 px."""
+    a = sd15.SDXL
+    assert a.sdxl and a.resolution == 1024 and a.label == "SDXL"
+    assert a.text["hidden_size"] + a.text_2["hidden_size"] == a.unet["cross_attention_dim"] == 2048
+    assert a.unet["projection_class_embeddings_input_dim"] == 6 * a.unet["addition_time_embed_dim"] + \
+        a.text_2["projection_dim"]
+    assert a.unet["sample_size"] * 8 == a.vae["sample_size"] == a.resolution
+    assert not sd15.SD15.sdxl and sd15.markers(sd15.SD15) == (sd15.BEGIN, sd15.END)
 
 
 TINY_RUN = ["--arch", "tiny", "--batch-size", "2", "--iters", "1", "--warmup", "0", "--steps", "2",

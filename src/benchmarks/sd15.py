@@ -1,25 +1,28 @@
-"""SD1.5-scale benchmark: training and inference speed on random weights, nothing downloaded.
+"""SD1.5- and SDXL-scale benchmark: training and inference speed on random weights, nothing downloaded.
 
-    python -m src.bench_sd15                 # on a GPU: SD1.5 UNet / VAE / text encoder, ViT-H/14, IR-101
-    python -m src.bench_sd15 --arch tiny     # the same code on the tiny preset (what the CPU test runs)
+    python -m src.bench_sd15                 # on a GPU: SD1.5 UNet / VAE / text encoder, ViT-H/14, IR-101, 512 px
+    python -m src.bench_sd15 --arch sdxl     # on a GPU: SDXL UNet / VAE / both text encoders, 1024 px
+    python -m src.bench_sd15 --arch tiny     # the same code on the tiny presets (what the CPU tests run;
+    python -m src.bench_sd15 --arch tiny-sdxl  # tiny-sdxl: the tiny SDXL world's networks)
 
 In one run, on one device:
 - a **matmul peak** (bf16 8192^3 on a GPU) that MFU is measured against;
 - **training steps** (forward, backward, AdamW; bf16 autocast on a GPU) at `--batch-size`, img/s, FLOPs
   per image (counted by `torch.utils.flop_counter`), MFU and peak memory:
   `baseline` = the diffusers LoRA-training example's loop (eager UNet with peft LoRA rank R on
-  to_q/to_k/to_v/to_out.0, VAE latents and text embeddings computed every step);
+  to_q/to_k/to_v/to_out.0, VAE latents and text embeddings computed every step; on SDXL, as its SDXL
+  example, both text encoders, the pooled embedding and time_ids);
   `stage 1` and `stage 2` = UniPortraitModule's full step (frozen VAE, text encoder, IR-101 and
   ViT-H/14 included; stage 2 with 2-3 identities, router and routing loss);
   `stage 1, UNet part` = the same UNet forward/backward on precomputed conditioning (the cost left with
   cached latents and features);
   each UniPortrait row also with `--compile` (torch.compile of the UNet) when asked;
 - **inference**: `--steps` DDIM steps with CFG at the UNet's native size, fp16 on a GPU: the plain SD1.5
-  pipeline against UniPortrait with 0, 1 and 2 identities (active LoRA merged into the weights).
+  (SDXL) pipeline against UniPortrait with 0, 1 and 2 identities (active LoRA merged into the weights).
 Each row is isolated: an error in it (out of memory, a compile failure) becomes that row's result and the
 other rows go on. The tables are rewritten (printed and, unless --no-record, written between markers in
-docs/benchmarks.md with card, versions and date) after every row, so a run stopped midway keeps what it
-measured.
+docs/benchmarks.md with card, versions and date; one section per architecture) after every row, so a run
+stopped midway keeps what it measured.
 """
 from __future__ import annotations
 
@@ -37,8 +40,9 @@ import torch.nn.functional as F
 
 from src.benchmarks.measure import Device, count_flops, frozen_flops, isolated, model_flops, no_recompute
 from src.benchmarks.steps import module_step, optimizer_of
+from src.models.conditioning import TextConditioning, batch_added_conditions, encode_prompt
 
-BEGIN, END = "<!-- bench:sd15:begin -->", "<!-- bench:sd15:end -->"
+BEGIN, END = "<!-- bench:sd15:begin -->", "<!-- bench:sd15:end -->"  # the SD1.5 rows' section (see `markers`)
 FAST_NOTE = ("UniPortrait rows with frozen weights in bf16 and fused AdamW (configs/stage1.yaml), the baseline "
              "with its frozen weights in bf16 (as the diffusers example); ")
 
@@ -57,6 +61,21 @@ class Arch:
     face: dict[str, Any]
     qformer: dict[str, Any]
     lora_rank: int
+    text_2: dict[str, Any] | None = None  # SDXL's second text encoder (CLIPTextModelWithProjection); None on SD1.5
+    resolution: int = 512  # the native training / inference size
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_2 is not None or self.name == "tiny-sdxl"
+
+    @property
+    def label(self) -> str:
+        return "SDXL" if self.sdxl else "SD1.5"
+
+
+def markers(arch: Arch) -> tuple[str, str]:
+    """The docs/benchmarks.md markers of `arch`'s section: SD1.5's (BEGIN, END), SDXL's their own."""
+    return (BEGIN, END) if not arch.sdxl else ("<!-- bench:sdxl:begin -->", "<!-- bench:sdxl:end -->")
 
 
 SD15 = Arch(
@@ -74,38 +93,76 @@ SD15 = Arch(
     lora_rank=128,
 )
 
+# SDXL base 1.0's configs (stabilityai/stable-diffusion-xl-base-1.0: unet/, vae/, text_encoder(_2)/config.json);
+# the identity encoders are SD1.5's (UniPortrait's ViT-H/14 and IR-101), the Q-Former's output width the UNet's 2048.
+SDXL = Arch(
+    name="sdxl",
+    unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+              use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+              projection_class_embeddings_input_dim=2816),  # 6 time ids x 256 + pooled 1280
+    vae={**SD15.vae, "sample_size": 1024, "scaling_factor": 0.13025},
+    text=dict(SD15.text),  # CLIP ViT-L/14's text tower, as SD1.5's
+    text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),  # OpenCLIP ViT-bigG/14's
+    clip_vision=SD15.clip_vision,
+    clip_embed_dim=SD15.clip_embed_dim,
+    face=SD15.face,
+    qformer={},
+    lora_rank=128,
+    resolution=1024,
+)
 
-def tiny_arch() -> Arch:
+
+def tiny_arch(sdxl: bool = False) -> Arch:
+    """The tiny preset (`tiny`), or the tiny SDXL world's networks (`tiny-sdxl`)."""
     from src.tiny import architectures
 
-    return Arch(name="tiny", unet={}, vae={}, text={}, clip_vision=dict(architectures.TINY_CLIP_VISION),
-                clip_embed_dim=architectures.TINY_CLIP_EMBED_DIM,
+    return Arch(name="tiny-sdxl" if sdxl else "tiny", unet={}, vae={}, text={},
+                clip_vision=dict(architectures.TINY_CLIP_VISION), clip_embed_dim=architectures.TINY_CLIP_EMBED_DIM,
                 face=dict(num_layers=18, widths=architectures.TINY_FACE_WIDTHS,
                           embedding_size=architectures.TINY_FACE_EMBEDDING),
-                qformer=dict(depth=2, width=64, heads=4, dim_head=16), lora_rank=16)
+                qformer=dict(depth=2, width=64, heads=4, dim_head=16), lora_rank=16, resolution=64)
+
+
+ARCHS = {"sd15": lambda: SD15, "sdxl": lambda: SDXL, "tiny": tiny_arch, "tiny-sdxl": lambda: tiny_arch(sdxl=True)}
 
 
 def build_nets(arch: Arch, tokenizer_dir: Path):
     """Random-weight base networks of `arch` (frozen, eval) as `presets.Components`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from src.models import presets
     from src.models.clip_encoder import ClipPatchEncoder
     from src.models.face_backbone import IRBackbone, freeze
     from src.tiny import architectures
 
+    def text_config(cfg: dict[str, Any], pad: int = 49407) -> CLIPTextConfig:
+        return CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=pad, **cfg)
+
+    text_2 = tokenizer_2 = None
     if arch.name == "tiny":
         unet, vae, text = architectures.tiny_unet(), architectures.tiny_vae(), architectures.tiny_text_encoder()
+    elif arch.name == "tiny-sdxl":
+        unet, vae = architectures.tiny_sdxl_unet(), architectures.tiny_vae()
+        text, text_2 = architectures.tiny_sdxl_text_encoders()
     else:
         unet, vae = UNet2DConditionModel(**arch.unet), AutoencoderKL(**arch.vae)
-        text = CLIPTextModel(CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **arch.text))
+        text = CLIPTextModel(text_config(arch.text))
+        if arch.text_2 is not None:  # SDXL's second tokenizer pads with "!" (id 0)
+            text_2 = CLIPTextModelWithProjection(text_config(arch.text_2, pad=0))
     tokenizer = presets.write_clip_tokenizer(tokenizer_dir)
+    if text_2 is not None:
+        tokenizer_2 = presets.write_clip_tokenizer(tokenizer_dir.with_name(tokenizer_dir.name + "_2"), pad_token="!")
     clip = ClipPatchEncoder.from_open_clip_vision_config(arch.clip_vision, arch.clip_embed_dim)
     face = freeze(IRBackbone(**arch.face))
-    for m in (unet, vae, text):
-        m.requires_grad_(False).eval()
-    return presets.Components(unet, vae, text, tokenizer, presets.sd15_scheduler(), clip, face)
+    for m in (unet, vae, text, text_2):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    return presets.Components(unet, vae, text, tokenizer, presets.sd15_scheduler(), clip, face, text_2, tokenizer_2)
 
 
 class Prebuilt:
@@ -139,6 +196,9 @@ def random_batch(arch: Arch, nets, batch: int, resolution: int, faces: list[int]
         "face_masks": masks,
         "face_valid": valid,
     }
+    if arch.sdxl:  # SDXL's micro-conditioning: uncropped images of the training size
+        out["original_size"] = torch.full((batch, 2), resolution, dtype=torch.long)
+        out["crop_top_left"] = torch.zeros(batch, 2, dtype=torch.long)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
 
 
@@ -147,12 +207,14 @@ def unet_part_step(module, batch, opt) -> Callable[[], None]:
     """Stage-1 UNet forward/backward on precomputed latents, text and identity tokens."""
     with torch.no_grad():
         latents = module.encode_images(batch["image"])
-        text = module.encode_text(batch["caption"])
+        prompt = module.encode_prompt(batch["caption"])
+        added = batch_added_conditions(prompt, batch)  # SDXL's pooled text + time_ids; None on SD1.5
         tokens = module.identity_tokens(batch["face_recog"], batch["face_clip"], batch["face_valid"]).detach()
 
     def step() -> None:
         noise, t, noisy = module._sample_noise(latents)
-        pred = module._denoise(noisy, t, text, module._context(tokens, batch["face_valid"], latents, None))
+        pred = module._denoise(noisy, t, prompt.hidden, module._context(tokens, batch["face_valid"], latents, None),
+                               added)
         loss = F.mse_loss(pred.float(), noise.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,14 +235,15 @@ def baseline_step(nets, batch, rank: int, device: torch.device, weight_dtype: to
     """The diffusers LoRA-training example's loop (train_text_to_image_lora.py) on fresh copies of the networks:
     frozen UNet, VAE and text encoder in `weight_dtype` (bf16 under bf16 mixed precision, as the example casts
     them), peft LoRA rank `rank` on to_q/to_k/to_v/to_out.0 kept in fp32 (its `cast_training_params`), eager,
-    latents and text embeddings computed every step."""
+    latents and text embeddings computed every step. On SDXL (train_text_to_image_lora_sdxl.py): both text
+    encoders, the pooled embedding and time_ids as added conditions."""
     import copy
 
     from peft import LoraConfig
 
     unet = copy.deepcopy(nets.unet).to(device, weight_dtype)
     vae = copy.deepcopy(nets.vae).to(device, weight_dtype)
-    text_encoder = copy.deepcopy(nets.text_encoder).to(device, weight_dtype)
+    text_encoders = [copy.deepcopy(e).to(device, weight_dtype) for e in nets.text_encoders]
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -188,20 +251,20 @@ def baseline_step(nets, batch, rank: int, device: torch.device, weight_dtype: to
         p.data = p.data.float()  # trainable LoRA weights in fp32
     unet.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = nets.tokenizer(batch["caption"], padding="max_length", max_length=nets.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(device)
+    tokenizers = (nets.tokenizer, nets.tokenizer_2)[: len(text_encoders)]
     sched = nets.scheduler
 
     @torch.no_grad()
-    def encoders() -> tuple[torch.Tensor, torch.Tensor]:
+    def encoders() -> tuple[torch.Tensor, TextConditioning]:
         latents = vae.encode(batch["image"].to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
-        return latents, text_encoder(ids)[0]
+        return latents, encode_prompt(batch["caption"], tokenizers, text_encoders)
 
     def step() -> None:
-        latents, text = encoders()
+        latents, prompt = encoders()
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
-        pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
+        pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=prompt.hidden,
+                    added_cond_kwargs=batch_added_conditions(prompt, batch)).sample
         loss = F.mse_loss(pred.float(), noise.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -309,8 +372,9 @@ def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: C
     """The plain pipeline, then UniPortrait with 0, 1 and 2 identities; each row isolated, `on_row` after each."""
     import copy
 
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
+    from src.inference.arch import build_pipeline
     from src.inference.pipeline import Identity, UniPortraitPipeline
     from src.models.adapters import MULTI
 
@@ -327,14 +391,12 @@ def inference_rows(arch: Arch, nets, dev: Device, steps: int, iters: int, log: C
         log(f"{name}: {sec * 1000:.0f} ms/image")
 
     module = pipe = None
-    with isolated("plain SD1.5 pipeline", rows, log, dev, on_row):
+    plain_row = f"plain {arch.label} pipeline"
+    with isolated(plain_row, rows, log, dev, on_row):
         module = make_module(arch, nets, 2, False, dev.device)  # before the shared encoders turn fp16
-        plain = StableDiffusionPipeline(
-            vae=nets.vae, text_encoder=nets.text_encoder, tokenizer=nets.tokenizer, unet=nets.unet,
-            scheduler=DDIMScheduler.from_config(nets.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False).to(dev.device, dtype)
+        plain = build_pipeline(nets, DDIMScheduler.from_config(nets.scheduler.config), None).to(dev.device, dtype)
         plain.set_progress_bar_config(disable=True)
-        measure("plain SD1.5 pipeline", lambda: plain(prompt, **kw))
+        measure(plain_row, lambda: plain(prompt, **kw))
     with isolated("UniPortrait, 0 identities", rows, log, dev, on_row):
         if module is None:
             raise RuntimeError("no stage-2 module: building it failed (see the plain pipeline's row)")
@@ -372,7 +434,7 @@ def lora_merged(unet: torch.nn.Module) -> bool:
 def tables(train: list[dict], infer: list[dict]) -> str:
     """Markdown tables of the rows measured so far; a failed row shows its error, ratios need their reference."""
     base = next((r["img_s"] for r in train if r["row"] == "baseline LoRA loop" and "error" not in r), None)
-    plain = next((r["image_s"] for r in infer if r["row"] == "plain SD1.5 pipeline" and "error" not in r), None)
+    plain = next((r["image_s"] for r in infer if r["row"].startswith("plain ") and "error" not in r), None)
     lines = ["| training step | compiled | batch | img/s | x baseline | model TFLOP/img | MFU | frozen TFLOP/img "
              "| peak mem (GB) |",
              "|---|---|---|---|---|---|---|---|---|"]

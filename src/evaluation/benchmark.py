@@ -155,7 +155,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = pipe.pipe.unet.config.sample_size * pipe.pipe.vae_scale_factor
     manifest = None
     if a.world == "synthetic":
-        mpath = Path(comps.base_model).parent / "data" / "manifest.json"
+        # the embedded world's data: under --tiny-root (whatever --base-model says: the tiny SDXL world
+        # trains on the SD1.5 world's data), or beside the base model a --components file names
+        root = Path(comps.base_model).parent if a.components is not None else Path(a.tiny_root)
+        mpath = root / "data" / "manifest.json"
         if not mpath.is_file():
             raise FileNotFoundError(f"synthetic world: {mpath} not found (run `make tiny`, or give --tiny-root)")
         manifest = json.loads(mpath.read_text())

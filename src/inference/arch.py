@@ -60,12 +60,14 @@ def _check_known(arch: str, what: str) -> None:
 def build_pipeline(components: Components, scheduler: Any, controlnet: ControlNetModel | None) -> Any:
     """diffusers' pipeline for the components' architecture: StableDiffusion(XL)Pipeline, or its ControlNet
     variant when `controlnet` is given. SDXL's micro-conditioning (`added_cond_kwargs`: pooled text and time
-    ids with original size = target size, crop (0, 0)) is built by diffusers' SDXL pipeline from height/width."""
+    ids with original size = target size, crop (0, 0)) is built by diffusers' SDXL pipeline from height/width;
+    its unconditional branch follows the base model's `force_zeros_for_empty_prompt` (model_index.json)."""
     c = components
     if c.arch == "sdxl":
         common: dict[str, Any] = dict(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
                                       tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=c.unet,
-                                      scheduler=scheduler, add_watermarker=False)
+                                      scheduler=scheduler, add_watermarker=False,
+                                      force_zeros_for_empty_prompt=c.force_zeros_for_empty_prompt)
         return (StableDiffusionXLPipeline(**common) if controlnet is None
                 else StableDiffusionXLControlNetPipeline(controlnet=controlnet, **common))
     common = dict(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=scheduler,

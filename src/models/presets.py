@@ -52,6 +52,9 @@ class Components:
     face: IRBackbone
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
+    # SDXL: whether an empty negative prompt is zero text states and pooled embedding (model_index.json's
+    # `force_zeros_for_empty_prompt`: true for SDXL base 1.0, false for models trained on encoded "")
+    force_zeros_for_empty_prompt: bool = True
 
     @property
     def arch(self) -> Arch:
@@ -180,7 +183,11 @@ class ComponentPaths:
         )
         for m in (unet, vae, *encoders):
             m.requires_grad_(False).eval()
-        return Components(unet, vae, text_encoder, tokenizer, scheduler, clip, face, text_encoder_2, tokenizer_2)
+        index = base / "model_index.json"
+        force_zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True) if index.is_file() \
+            else True
+        return Components(unet, vae, text_encoder, tokenizer, scheduler, clip, face, text_encoder_2, tokenizer_2,
+                          force_zeros_for_empty_prompt=bool(force_zeros))
 
 
 # --------------------------------------------------------------------------------------------

@@ -241,3 +241,24 @@ def test_sdxl_weights_on_an_sd15_base_model_fail_naming_both(sdxl_world, checkpo
     with pytest.raises(ValueError) as err:  # recorded architecture: fails before any network loads
         UniPortraitPipeline.from_checkpoint(sd15, tmp_path / "xl.safetensors")
     _both_named(err, tmp_path / "xl.safetensors")
+
+
+def test_the_base_models_force_zeros_for_empty_prompt_reaches_the_sdxl_pipeline(sdxl_world, checkpoints, tmp_path):
+    """model_index.json's `force_zeros_for_empty_prompt` is followed: true (the tiny world, as SDXL base 1.0)
+    makes the unconditional branch zeros, false encodes "" instead; under guidance the images differ."""
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(sdxl_world / "base", base)
+    index = json.loads((base / "model_index.json").read_text())
+    assert index["force_zeros_for_empty_prompt"] is True
+    (base / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    encoded_comps = tiny_components(sdxl_world)
+    encoded_comps.base_model = str(base)
+    zeros = UniPortraitPipeline.from_checkpoint(tiny_components(sdxl_world), checkpoints[2])
+    encoded = UniPortraitPipeline.from_checkpoint(encoded_comps, checkpoints[2])
+    assert zeros.pipe.config.force_zeros_for_empty_prompt is True
+    assert encoded.pipe.config.force_zeros_for_empty_prompt is False
+    a, b = (image_array(_run(p, [ID_A], guidance_scale=5.0, seed=0).images) for p in (zeros, encoded))
+    assert np.abs(a - b).max() > 0
