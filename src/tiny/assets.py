@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -32,6 +33,7 @@ PRETRAINED_FILES = (
 TEXT_ENCODER_FILE = "base/text_encoder/model.safetensors"
 # Data options that change how the world is made, not what: left out of the options shipped weights must match.
 DISPLAY_ONLY = ("progress", "workers")
+REPORT = "tiny_report.json"  # a world's build report: where its pretrained parts came from, their figures
 
 
 def sha256(path: Path) -> str:
@@ -79,6 +81,27 @@ def shipped_weights(assets: Path | None, options: dict, files: tuple[str, ...] =
     return manifest
 
 
+def warn_if_companions_differ(manifest: dict, out: Path, remake: str) -> None:
+    """Warn, naming the file, for each of the shipped manifest's `companions` (the random text encoders the
+    weights were pretrained against, drawn from the seed here) that differs in the world at `out`: this CPU
+    draws other random floats. `remake` is the command that pretrains here instead."""
+    for rel, want in manifest.get("companions", {}).items():
+        if sha256(out / rel) != want:
+            log.warning("%s differs from the text encoder the shipped weights were pretrained with (this CPU "
+                        "draws other random floats); figures may differ from docs/benchmarks.md; `%s` pretrains "
+                        "them here", out / rel, remake)
+
+
+def write_report(world: Path, report: dict) -> Path:
+    """Write the world's tiny_report.json atomically, under a per-process temporary name: make runs a world's
+    build as a no-op prerequisite of jobs side by side (`make -j3` in CI). Returns its path."""
+    path = world / REPORT
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
 def copy_shipped(assets: Path, out: Path, files: tuple[str, ...]) -> None:
     for rel in files:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -92,9 +115,9 @@ def save_assets(world: Path, assets: Path, command: str, files: tuple[str, ...] 
     with manifest.json: the options they were made with, each file's sha256 (and the sha256 of the
     `companions` they were pretrained against), their pretraining `figures` from the world's
     tiny_report.json, and the date, commit, machine and versions that made them. Returns the manifest."""
-    report = json.loads((world / "tiny_report.json").read_text())
+    report = json.loads((world / REPORT).read_text())
     if report.get("pretrained", {}).get("source") != "pretrained here":
-        raise ValueError(f"{world / 'tiny_report.json'}: its pretrained parts were not pretrained in this folder "
+        raise ValueError(f"{world / REPORT}: its pretrained parts were not pretrained in this folder "
                          f"(pretrained: {report.get('pretrained')}); build a fresh folder with --pretrain")
     try:
         commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,

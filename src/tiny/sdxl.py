@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +33,15 @@ from diffusers import AutoencoderKL, DDPMScheduler
 
 from src.models import presets
 from src.tiny.architectures import tiny_sdxl_text_encoders, tiny_sdxl_unet
-from src.tiny.assets import ASSETS, DISPLAY_ONLY, copy_shipped, sha256, shipped_weights
+from src.tiny.assets import (
+    ASSETS,
+    DISPLAY_ONLY,
+    copy_shipped,
+    sha256,
+    shipped_weights,
+    warn_if_companions_differ,
+    write_report,
+)
 from src.tiny.pretrain import load_images, pretrain_unet
 
 log = logging.getLogger(__name__)
@@ -109,11 +116,7 @@ def build_sdxl(out: Path, sd15_world: Path = SD15_WORLD, seed: int = 0, unet_ste
     shipped = None if pretrain else shipped_weights(assets, options, SDXL_PRETRAINED_FILES)
     report: dict = {"seed": seed}
     if shipped:
-        for rel, want in shipped.get("companions", {}).items():
-            if sha256(out / rel) != want:
-                log.warning("%s differs from the text encoder the shipped SDXL UNet was pretrained with (this CPU "
-                            "draws other random floats); figures may differ from docs/benchmarks.md; "
-                            "`make tiny-sdxl-assets` pretrains it here", out / rel)
+        warn_if_companions_differ(shipped, out, "make tiny-sdxl PRETRAIN=1")
         report["pretrained"] = {"source": str(assets), "made": shipped["made"]}
         report["unet_loss"] = shipped["report"]["unet_loss"]
         copy_shipped(assets, out, SDXL_PRETRAINED_FILES)  # base/unet last: the base model is complete
@@ -126,8 +129,6 @@ def build_sdxl(out: Path, sd15_world: Path = SD15_WORLD, seed: int = 0, unet_ste
                                             unet_steps, seed=seed)
         unet.save_pretrained(base / "unet")  # last: its presence marks the base model complete
     report["pretrained"]["seconds"] = round(time.time() - t0, 1)
-    tmp = out / f".tiny_report.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, out / "tiny_report.json")
+    write_report(out, report)
     log.info("tiny SDXL world written to %s (reusing %s; UNet %s)", out, sd15_world, report["pretrained"]["source"])
     return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -34,11 +33,12 @@ from src.tiny.architectures import (
 from src.tiny.assets import (
     ASSETS,
     PRETRAINED_FILES,
-    TEXT_ENCODER_FILE,
+    REPORT,
     copy_shipped,
     pretrain_options,
-    sha256,
     shipped_weights,
+    warn_if_companions_differ,
+    write_report,
 )
 from src.tiny.face_pretrain import evaluate_verification, pretrain_recognition
 from src.tiny.pretrain import load_images, pretrain_unet, pretrain_vae
@@ -57,7 +57,7 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
     with `pretrain`) pretrained in this process on torch's threads.
     """
     out.mkdir(parents=True, exist_ok=True)
-    report_file = out / "tiny_report.json"
+    report_file = out / REPORT
     # Steps whose output exists are skipped: keep what the runs that made them reported.
     report: dict = json.loads(report_file.read_text()) if report_file.is_file() else {}
     report["seed"] = seed
@@ -116,11 +116,7 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
         text_encoder.save_pretrained(base / "text_encoder")
         scheduler.save_pretrained(base / "scheduler")
         if shipped:
-            want = shipped.get("companions", {}).get(TEXT_ENCODER_FILE)
-            if want and sha256(out / TEXT_ENCODER_FILE) != want:
-                log.warning("%s differs from the text encoder the shipped UNet was pretrained with (this CPU "
-                            "draws other random floats); figures may differ from docs/benchmarks.md; "
-                            "`make tiny PRETRAIN=1` pretrains the parts here", out / TEXT_ENCODER_FILE)
+            warn_if_companions_differ(shipped, out, "make tiny PRETRAIN=1")
             report["vae_loss"], report["unet_loss"] = shipped["report"]["vae_loss"], shipped["report"]["unet_loss"]
             copy_shipped(assets, out, tuple(f for f in PRETRAINED_FILES if f.startswith("base/")))  # UNet last
         else:
@@ -144,10 +140,7 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
         for label, crop in zip(("person_a", "person_b"), crops):
             Image.fromarray(crop).save(examples / f"{label}.png")
     report["seconds"] = round(time.time() - t0, 1)  # this call's time (steps already done are skipped)
-    # atomically: make runs this as a no-op prerequisite of jobs side by side (`make -j3` in CI)
-    tmp = report_file.with_name(f".{report_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, report_file)
+    write_report(out, report)
     return report
 
 
