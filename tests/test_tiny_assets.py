@@ -136,3 +136,28 @@ def test_the_shipped_unet_denoises_better_than_a_fresh_one():
         err = {name: torch.nn.functional.mse_loss(m(noisy, t, encoder_hidden_states=text).sample, noise).item()
                for name, m in (("shipped", shipped), ("fresh", fresh))}
     assert err["shipped"] < 0.5 * err["fresh"], err
+
+
+@pytest.mark.parametrize("module", ["src.cli.tiny", "src.cli.tiny_sdxl"])
+def test_both_world_builders_refuse_save_assets_without_pretrain(module, capsys):
+    """Only weights pretrained here can be shipped: --save-assets alone is a usage error before anything is
+    built, in the SD1.5 and the SDXL world's builder alike (src.cli.add_shipped_weight_options)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(["--out", "never-built", "--save-assets", "assets-copy"])
+    assert exit_info.value.code == 2 and "--save-assets needs --pretrain" in capsys.readouterr().err
+    assert not Path("never-built").exists()
+
+
+def test_the_manifest_records_the_command_that_made_the_weights():
+    import argparse
+
+    from src.cli import add_shipped_weight_options, shipped_weight_command
+
+    p = argparse.ArgumentParser()
+    add_shipped_weight_options(p, Path("assets/tiny"), "the parts", "tiny-assets")
+    argv = ["--pretrain", "--save-assets", "out"]
+    args = p.parse_args(argv)
+    assert args.assets == Path("assets/tiny") and args.save_assets == Path("out")
+    assert shipped_weight_command(p, args, argv, "src.tiny") == "python -m src.tiny --pretrain --save-assets out"

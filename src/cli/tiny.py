@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import src.tiny as tiny
-from src.cli import exit_status
+from src.cli import add_shipped_weight_options, exit_status, shipped_weight_command
 from src.tiny.assets import ASSETS, save_assets
 from src.tiny.world import build, measure_quality
 
@@ -31,18 +31,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="processes rendering the synthetic images (default: one per core; the same bytes)")
     p.add_argument("--quality", action="store_true",
                    help="build nothing: print the held-out quality of the world at --out (measure_quality)")
-    p.add_argument("--pretrain", action="store_true",
-                   help="pretrain the UNet, VAE and face backbone here (~13 min on 2 cores) instead of copying "
-                        "the shipped weights of --assets")
-    p.add_argument("--assets", type=Path, default=ASSETS,
-                   help="shipped pretrained weights, used when their manifest.json was made with these options "
-                        "(default: %(default)s)")
-    p.add_argument("--save-assets", type=Path, default=None, metavar="DIR",
-                   help="after building with --pretrain, write the pretrained parts and their manifest to DIR "
-                        "(what `make tiny-assets` does for assets/tiny)")
+    add_shipped_weight_options(p, ASSETS, "the UNet, VAE and face backbone (~13 min on 2 cores)", "tiny-assets")
     a = p.parse_args(argv)
-    if a.save_assets and not a.pretrain:
-        p.error("--save-assets needs --pretrain (only weights pretrained here can be shipped)")
+    command = shipped_weight_command(p, a, argv, "src.tiny")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -54,7 +45,6 @@ def main(argv: list[str] | None = None) -> None:
                    assets=a.assets)
     print(json.dumps(report, indent=2, default=str))
     if a.save_assets:
-        command = "python -m src.tiny " + " ".join(argv if argv is not None else sys.argv[1:])
         save_assets(a.out, a.save_assets, command)
 
 
