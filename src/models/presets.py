@@ -79,6 +79,12 @@ def _require(path: str | Path, what: str) -> Path:
     return p
 
 
+def model_index(base: Path) -> dict[str, Any]:
+    """The base model's model_index.json (diffusers' pipeline description), {} when it has none."""
+    index = base / "model_index.json"
+    return json.loads(index.read_text()) if index.is_file() else {}
+
+
 def detect_arch(base_model: str | Path) -> Arch:
     """The architecture of a diffusers base-model directory: "sdxl" when it holds text_encoder_2/ and
     tokenizer_2/, else "sd15". A directory that is half SDXL (one of the two subfolders, or model_index.json
@@ -87,7 +93,7 @@ def detect_arch(base_model: str | Path) -> Arch:
     base = Path(base_model).expanduser()
     present = [sub for sub in SDXL_SUBFOLDERS if (base / sub).is_dir()]
     index = base / "model_index.json"
-    class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    class_name = model_index(base).get("_class_name")
     if class_name == SDXL_PIPELINE or present:
         for sub in SDXL_SUBFOLDERS:
             why = f"{index} names {SDXL_PIPELINE}" if class_name == SDXL_PIPELINE else f"{base} has {present[0]}/"
@@ -183,11 +189,9 @@ class ComponentPaths:
         )
         for m in (unet, vae, *encoders):
             m.requires_grad_(False).eval()
-        index = base / "model_index.json"
-        force_zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True) if index.is_file() \
-            else True
+        force_zeros = bool(model_index(base).get("force_zeros_for_empty_prompt", True))
         return Components(unet, vae, text_encoder, tokenizer, scheduler, clip, face, text_encoder_2, tokenizer_2,
-                          force_zeros_for_empty_prompt=bool(force_zeros))
+                          force_zeros_for_empty_prompt=force_zeros)
 
 
 # --------------------------------------------------------------------------------------------
