@@ -48,14 +48,15 @@ def fit_with_metrics(world: Path, out: Path, stage: int, steps: int, extra: list
                        f'"init_args": {{"save_dir": "{out}", "name": "tb"}}}}', *extra])
 
 
-def logged_tags(out: Path) -> set[str]:
+def logged_tags(out: Path, kind: str = "scalars") -> set[str]:
+    """The TensorBoard tags of `kind` ("scalars", "images", ...) in every event file under `out`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags: set[str] = set()
     for events in out.rglob("events.out.tfevents.*"):
         acc = EventAccumulator(str(events))
         acc.Reload()
-        tags |= set(acc.Tags()["scalars"])
+        tags |= set(acc.Tags()[kind])
     return tags
 
 
