@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 # UNet pretraining step 1.5-2.4 s on one thread, 1.0-1.3 s on two).
 TINY_THREADS ?= 2
 # `make tiny PRETRAIN=1` pretrains the tiny UNet, VAE and face backbone here (~13 min on 2 cores) instead of
-# copying the shipped weights of assets/tiny (`make tiny-sdxl PRETRAIN=1`: the tiny SDXL UNet, ~6 min).
+# copying the shipped weights of assets/tiny (`make tiny-sdxl PRETRAIN=1`: the tiny SDXL UNet, ~7 min).
 PRETRAIN ?=
 # Extra CLI arguments for both training stages (e.g. `make demo TRAIN_ARGS=--trainer.max_steps=200`,
 # what .ci/run does to keep CI inside its time limit); empty for the README's full run.
@@ -57,7 +57,7 @@ demo: train-tiny train-tiny-stage2  ## the main job: both stages on the embedded
 tiny-sdxl: tiny  ## the tiny SDXL world in artifacts/tiny-sdxl (its pretrained UNet copied from assets/tiny-sdxl)
 	$(PY) -m src.cli.tiny_sdxl --out $(TINY_SDXL) --threads $(TINY_THREADS) $(if $(PRETRAIN),--pretrain)
 
-tiny-sdxl-assets: tiny  ## remake assets/tiny-sdxl: pretrain the tiny SDXL UNet in a fresh folder (~6 min), write it + manifest
+tiny-sdxl-assets: tiny  ## remake assets/tiny-sdxl: pretrain the tiny SDXL UNet in a fresh folder (~7 min), write it + manifest
 	rm -rf artifacts/tiny-sdxl-pretrain
 	$(PY) -m src.cli.tiny_sdxl --out artifacts/tiny-sdxl-pretrain --threads $(TINY_THREADS) --pretrain \
 		--save-assets assets/tiny-sdxl

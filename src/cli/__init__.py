@@ -41,7 +41,7 @@ def run_or_exit(run_fn: Callable[[argparse.Namespace], T], args: argparse.Namesp
 
 def add_shipped_weight_options(p: argparse.ArgumentParser, assets: Path, parts: str, make_target: str) -> None:
     """--pretrain, --assets and --save-assets of a tiny world's builder (`src.tiny.assets`): its pretrained
-    `parts` (e.g. "the UNet (~6 min on 2 cores)") are copied from the shipped `assets` when their manifest
+    `parts` (e.g. "the UNet (~7 min on 2 cores)") are copied from the shipped `assets` when their manifest
     matches, pretrained here with --pretrain, and written back as assets by `make_target` (--save-assets)."""
     p.add_argument("--pretrain", action="store_true",
                    help=f"pretrain {parts} here instead of copying the shipped weights of --assets")

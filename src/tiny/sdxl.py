@@ -14,7 +14,7 @@ so `tiny_components(out)` (`src.tiny.architectures`) loads it with the same code
 
 Like SDXL itself, the UNet is pretrained before UniPortrait training freezes it: text-conditional denoising
 of the SD1.5 world's training renders (`src.tiny.pretrain.pretrain_unet`, with the pooled embedding and
-uncropped time_ids as added conditions), ~6 min on 2 cores. Its pretrained weights ship in assets/tiny-sdxl
+uncropped time_ids as added conditions), ~7 min on 2 cores. Its pretrained weights ship in assets/tiny-sdxl
 (manifest.json: the options, including the SD1.5 world's data options and its VAE's sha256, and how they
 were made); a build whose options are the manifest's copies them, any other pretrains here and logs why.
 `make tiny-sdxl-assets` remakes them. Deterministic from `seed`; skipped when base/unet exists.
