@@ -41,6 +41,23 @@ class ImageTooSmallError(NoFaceError):
 DEFAULT_DETECT_SIZE = 640
 
 
+class ChannelsLast(torch.nn.Module):
+    """A network run on a channels-last copy of its input.
+
+    facenet-pytorch's `detect_face` hands R-Net and O-Net their candidate crops as one contiguous (N, 3, S, S)
+    batch; PyTorch's CPU max-pooling is several times slower on that layout than on channels-last (P-Net's
+    pyramid levels are channels-last already, so for it this is a no-op). The convolutions' summation order can
+    change, so detections move in their last float bits (~1e-4 px).
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+
 @dataclass(frozen=True)
 class DetectedFace:
     """One detected face.
@@ -121,6 +138,8 @@ class FaceDetector:
         thresholds: MTCNN's P/R/O-net score thresholds.
         detect_size: detect on a copy whose longer side is at most this many pixels (bilinear, antialiased),
             mapping boxes and landmarks back; 0 detects at full resolution.
+        channels_last: run the three networks on channels-last inputs (`ChannelsLast`: faster, the same
+            detections up to float rounding); False runs facenet-pytorch's `detect_face` exactly as shipped.
     """
 
     def __init__(
@@ -131,6 +150,7 @@ class FaceDetector:
         mtcnn_min_face_size: int = 20,
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
         detect_size: int = DEFAULT_DETECT_SIZE,
+        channels_last: bool = True,
     ) -> None:
         from facenet_pytorch import MTCNN  # heavy import kept local to the detector
 
@@ -138,6 +158,7 @@ class FaceDetector:
         self.min_size = float(min_size)
         self.device = torch.device(device)
         self.detect_size = int(detect_size)
+        self.channels_last = bool(channels_last)
         self.mtcnn = MTCNN(
             keep_all=True,
             select_largest=True,
@@ -175,9 +196,11 @@ class FaceDetector:
         from facenet_pytorch.models.utils.detect_face import detect_face
 
         m = self.mtcnn
+        nets = [m.pnet, m.rnet, m.onet]
+        if self.channels_last:
+            nets = [ChannelsLast(net) for net in nets]
         with torch.no_grad():
-            boxes, points = detect_face(batch, m.min_face_size, m.pnet, m.rnet, m.onet, m.thresholds, m.factor,
-                                        m.device)
+            boxes, points = detect_face(batch, m.min_face_size, *nets, m.thresholds, m.factor, m.device)
         # object arrays (facenet-pytorch 2.5.3 with numpy 2): convert each image's entries explicitly
         return [(np.asarray(boxes[i].tolist(), dtype=np.float32).reshape(-1, 5),  # (F, 5)
                  np.asarray(points[i].tolist(), dtype=np.float32).reshape(-1, 5, 2))  # (F, 5, 2)

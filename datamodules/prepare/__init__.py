@@ -19,6 +19,7 @@ Per image: decode (unreadable -> dropped), downscale so the longer side <= --res
 detect faces with MTCNN on a copy whose longer side is <= --detect-size (default 640, 0 = full
 resolution; boxes and landmarks are mapped back, and faces under about 20 / scale px, 32 px for
 1024 -> 640, are not searched), batched over --detect-batch inputs whose copies have the same size,
+MTCNN's networks on channels-last inputs (--no-detect-channels-last: facenet-pytorch's detect_face as shipped),
 retry once on a padded copy, filter, align crops (112 recognition + --clip-size CLIP crops) at full
 resolution, masks from boxes, caption. Drop reasons, checked in this order: ``unreadable``,
 ``image_too_small`` (shorter side under MTCNN's 20 px minimum face size), ``no_face`` (nothing
@@ -40,9 +41,10 @@ Re-running with the same settings skips completed shards; different settings are
 --workers N: each shard still to write is a task for one of N spawned processes (one torch
 thread each, each with its own MTCNN on --device); the main process keeps the manifest and the
 progress bar. The shards are the same (keys, order, bytes) for any N, so --workers and --device
-are not settings of the output (--detect-batch is: batching changes the last float bits of
-detections). A killed run leaves only ``.tar.tmp`` files of the shards in progress, redone next run.
-A manifest written before --detect-size / --detect-batch existed means --detect-size 0 --detect-batch 1.
+are not settings of the output (--detect-batch and --detect-channels-last are: they change the last
+float bits of detections). A killed run leaves only ``.tar.tmp`` files of the shards in progress, redone
+next run. A manifest written before --detect-size / --detect-batch / --detect-channels-last existed means
+--detect-size 0 --detect-batch 1 --no-detect-channels-last.
 
 --distributor ray [--ray-address HOST:PORT]: the same per-shard tasks as Ray remote tasks (retried by Ray),
 on the cluster at the address (the project installed on every node, inputs and --out on a shared

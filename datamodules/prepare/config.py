@@ -35,6 +35,7 @@ class PrepareConfig:
     seed: int = 0
     detect_size: int = DEFAULT_DETECT_SIZE
     detect_batch: int = 8
+    detect_channels_last: bool = True
     workers: int = 1
     device: str = "cpu"
     distributor: str = "local"
@@ -42,8 +43,8 @@ class PrepareConfig:
 
     def content_settings(self) -> dict:
         """The settings that change shard contents: all but out, device, workers, distributor and ray_address
-        (the shards are the same for any of those; --detect-batch can change detections in their last float
-        bits)."""
+        (the shards are the same for any of those; --detect-batch and --detect-channels-last can change detections
+        in their last float bits)."""
         d = asdict(self)
         for runtime in RUNTIME_SETTINGS:
             d.pop(runtime)
@@ -53,7 +54,7 @@ class PrepareConfig:
 RUNTIME_SETTINGS = ("out", "device", "workers", "distributor", "ray_address")
 DISTRIBUTORS = ("local", "ray")  # local: this process or --workers spawned processes; ray: Ray tasks
 # settings added after manifests were first written: their value in a manifest that lacks them
-LEGACY_SETTINGS = {"detect_size": 0, "detect_batch": 1}
+LEGACY_SETTINGS = {"detect_size": 0, "detect_batch": 1, "detect_channels_last": False}
 
 
 def resolve_paths(cfg: PrepareConfig) -> None:

@@ -46,7 +46,8 @@ class Runtime:
     def detector(self) -> FaceDetector:
         if self._detector is None:
             self._detector = FaceDetector(min_prob=0.0, min_size=0.0, device=self.cfg.device,
-                                          detect_size=self.cfg.detect_size)
+                                          detect_size=self.cfg.detect_size,
+                                          channels_last=self.cfg.detect_channels_last)
         return self._detector
 
     @property

@@ -1,6 +1,7 @@
 """Throughput of shard preparation (`python -m datamodules.prepare`): the same photos and settings through the old
-path (one process, full-resolution MTCNN, one image at a time) and the new ones (detection on a copy capped at
---detect-size, batched over --detect-batch inputs, then --workers processes).
+path (one process, full-resolution MTCNN as facenet-pytorch ships it, one image at a time) and the new ones
+(detection on a copy capped at --detect-size, batched over --detect-batch inputs, MTCNN's networks on
+channels-last inputs, then --workers processes).
 
 The photos are --images real face photographs (scikit-image's astronaut, matplotlib's Grace Hopper, mirrored and
 slightly rotated variants) at --photo-size px on the longer side, or the images of --input. Each row is a fresh
@@ -36,6 +37,7 @@ class Setting:
     workers: int
     detect_size: int
     detect_batch: int
+    channels_last: bool = True
     distributor: str = "local"
 
 
@@ -43,13 +45,14 @@ def settings(workers: int, detect_size: int, detect_batch: int, distributor: boo
     """The old path, then each new piece added in turn; last, the same per-shard tasks through the Ray
     distributor on a local instance of `workers` CPUs (its start-up included in the wall time)."""
     rows = [
-        Setting("old", 1, 0, 1),
-        Setting("downscaled", 1, detect_size, 1),
-        Setting("downscaled+batched", 1, detect_size, detect_batch),
+        Setting("old", 1, 0, 1, channels_last=False),
+        Setting("downscaled", 1, detect_size, 1, channels_last=False),
+        Setting("downscaled+batched", 1, detect_size, detect_batch, channels_last=False),
+        Setting("+channels-last", 1, detect_size, detect_batch),
         Setting(f"workers {workers}", workers, detect_size, detect_batch),
     ]
     if distributor:
-        rows.append(Setting(f"ray, {workers} CPUs", workers, detect_size, detect_batch, "ray"))
+        rows.append(Setting(f"ray, {workers} CPUs", workers, detect_size, detect_batch, distributor="ray"))
     return rows
 
 
@@ -92,13 +95,14 @@ def run_setting(setting: Setting, photos: Path, out: Path, samples_per_shard: in
     shutil.rmtree(out, ignore_errors=True)
     cfg = PrepareConfig(input=str(photos), format="folder", out=str(out), samples_per_shard=samples_per_shard,
                         workers=setting.workers, detect_size=setting.detect_size,
-                        detect_batch=setting.detect_batch, device=device, distributor=setting.distributor)
+                        detect_batch=setting.detect_batch, detect_channels_last=setting.channels_last, device=device,
+                        distributor=setting.distributor)
     t0 = time.perf_counter()
     manifest = prepare(cfg)
     wall = time.perf_counter() - t0
     tp = manifest["throughput"]
     return {"name": setting.name, "distributor": setting.distributor, "workers": setting.workers,
-            "detect_size": setting.detect_size,
+            "detect_size": setting.detect_size, "channels_last": setting.channels_last,
             "detect_batch": setting.detect_batch, "images": tp["images"], "kept": manifest["kept"],
             "wall_s": wall, "images_per_s": tp["images"] / wall, "processing_images_per_s": tp["images_per_s"]}
 
@@ -117,20 +121,20 @@ def run(photos: Path, work_dir: Path, workers: int, detect_size: int, detect_bat
     shutil.rmtree(warm, ignore_errors=True)
     warm.mkdir(parents=True)
     (warm / files[0].key).symlink_to((photos / files[0].key).resolve())
-    run_setting(Setting("warm-up", 1, 0, 1), warm, work_dir / "warmup", 1, device)
+    run_setting(Setting("warm-up", 1, 0, 1, channels_last=False), warm, work_dir / "warmup", 1, device)
     return [run_setting(s, photos, work_dir / s.name.replace(" ", "_").replace("+", "_"), per_shard, device)
             for s in settings(workers, detect_size, detect_batch, distributor)]
 
 
 def table(rows: list[dict]) -> str:
     old = rows[0]["images_per_s"]
-    lines = ["| path | distributor | workers | detect size | detect batch | images | kept | wall (s) | images/s | "
-             "vs old | processing images/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| path | distributor | workers | detect size | detect batch | channels-last | images | kept | wall (s) | "
+             "images/s | vs old | processing images/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         size = r["detect_size"] or "full"
         lines.append(f"| {r['name']} | {r['distributor']} | {r['workers']} | {size} | {r['detect_batch']} | "
-                     f"{r['images']} | "
+                     f"{'yes' if r['channels_last'] else 'no'} | {r['images']} | "
                      f"{r['kept']} | {r['wall_s']:.2f} | {r['images_per_s']:.2f} | "
                      f"{r['images_per_s'] / old:.2f}x | {r['processing_images_per_s']:.2f} |")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from src.faces import DEFAULT_DETECT_SIZE
 def main(argv: list[str] | None = None) -> list[dict]:
     """CLI entry point; returns the table's rows."""
     p = argparse.ArgumentParser(description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=64, help="how many photos")
+    p.add_argument("--images", type=int, default=256, help="how many photos")
     p.add_argument("--photo-size", type=int, default=1280, help="longer side of the generated photos (px)")
     p.add_argument("--input", type=Path, default=None, help="a folder of real photos to use instead")
     p.add_argument("--workers", type=int, default=2, help="processes of the multi-process row")

@@ -13,7 +13,14 @@ from PIL import Image
 
 from datamodules.prepare.config import PrepareError
 from src.cli.prepare import main as prep_main
-from src.faces import FaceDetector, ImageTooSmallError, NoFaceError, detection_scale, largest_face
+from src.faces import (
+    FaceDetector,
+    ImageTooSmallError,
+    NoFaceError,
+    detection_scale,
+    filter_faces,
+    largest_face,
+)
 from tests.data import fixtures
 
 
@@ -104,18 +111,20 @@ def assert_resumed(out: Path, again: dict, mtimes: dict[str, int], reference: Pa
 
 
 def test_legacy_manifest_means_full_resolution(tmp_path):
-    """A manifest written before --detect-size and --detect-batch existed resumes only with the old
-    behaviour: --detect-size 0 (full resolution), --detect-batch 1."""
+    """A manifest written before --detect-size, --detect-batch and --detect-channels-last existed resumes only
+    with the old behaviour: --detect-size 0 (full resolution), --detect-batch 1, --no-detect-channels-last."""
     fixtures.save_jpeg(tmp_path / "photos/a.jpg", fixtures.astronaut(128))
     out = tmp_path / "out"
     argv = ["--input", str(tmp_path / "photos"), "--format", "folder", "--out", str(out)]
-    old = ["--detect-size", "0", "--detect-batch", "1"]
+    old = ["--detect-size", "0", "--detect-batch", "1", "--no-detect-channels-last"]
     prep_main([*argv, *old])
     manifest = json.loads((out / "manifest.json").read_text())
-    del manifest["settings"]["detect_size"], manifest["settings"]["detect_batch"]
+    for name in ("detect_size", "detect_batch", "detect_channels_last"):
+        del manifest["settings"][name]
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert prep_main([*argv, *old])["throughput"]["images"] == 0  # all skipped
-    with pytest.raises(PrepareError, match="detect_batch: 1 -> 8, detect_size: 0 -> 640"):
+    with pytest.raises(PrepareError, match="detect_batch: 1 -> 8, detect_channels_last: False -> True, "
+                                           "detect_size: 0 -> 640"):
         prep_main(argv)
 
 
@@ -161,6 +170,27 @@ def test_batched_detection_equals_one_at_a_time(big_astronaut):
     assert np.allclose([w - batched[0][0].box[2], w - batched[0][0].box[0]], batched[1][0].box[[0, 2]], atol=10)
 
 
+def test_channels_last_detection_equals_facenet_detect_face(big_astronaut):
+    """channels_last=False is facenet-pytorch's MTCNN exactly as shipped; the default (networks on channels-last
+    inputs) finds the same faces up to float rounding, on one image and on a batch of several faces' photos."""
+    stock = FaceDetector(min_prob=0.0, detect_size=0, channels_last=False)
+    boxes, probs, points = stock.mtcnn.detect(big_astronaut, landmarks=True)
+    shipped = stock.detect_raw(big_astronaut)
+    assert len(shipped) == len(boxes) > 0
+    for face, box, prob, lm in zip(shipped, boxes, probs, points):  # both largest first
+        assert np.array_equal(face.box, box.astype(np.float32)) and np.array_equal(face.landmarks, lm)
+        assert face.prob == prob
+
+    fast = FaceDetector(min_prob=0.0, detect_size=0)
+    images = [big_astronaut, fixtures.two_people(400), fixtures.grace_hopper(300)]
+    for image, faces in zip(images, [1, 2, 1]):
+        a, b = stock.detect_raw(image), fast.detect_raw(image)
+        assert len(filter_faces(a, 0.9)) == len(filter_faces(b, 0.9)) == faces and len(a) == len(b)
+        for s, f in zip(a, b):
+            assert np.allclose(s.box, f.box, atol=1e-2) and np.allclose(s.landmarks, f.landmarks, atol=1e-2)
+            assert s.prob == pytest.approx(f.prob, abs=1e-5)
+
+
 def test_detection_scale():
     assert detection_scale(500, 500, 640, 20) == 1.0  # small enough already
     assert detection_scale(1280, 960, 640, 20) == 0.5
@@ -185,7 +215,7 @@ def test_bench_prepare_runs_on_four_images(tmp_path, capsys):
     rows = main(["--images", "4", "--photo-size", "320", "--workers", "2", "--work-dir", str(tmp_path / "w"),
                  "--doc", str(doc), "--no-record", "--no-distributor"])
     text = capsys.readouterr().out
-    assert [r["name"] for r in rows] == ["old", "downscaled", "downscaled+batched", "workers 2"]
+    assert [r["name"] for r in rows] == ["old", "downscaled", "downscaled+batched", "+channels-last", "workers 2"]
     for r in rows:
         assert r["images"] == 4 and r["images_per_s"] > 0 and r["name"] in text
     assert len({r["kept"] for r in rows}) == 1 and rows[0]["kept"] > 0  # every path keeps the same photos
