@@ -95,7 +95,7 @@ ci-guard:  ## after `make tiny`: the shortened demo (CI_TRAIN_ARGS), its control
 test: install  ## fast test suite (slow tests excluded)
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: tiny  ## only the slow tests (end-to-end runs, some on make tiny's world; .ci/run runs them after `make test`)
+test-slow: tiny  ## only the slow tests (end-to-end runs, learning checks, compilation, multi-process; .ci/run runs them after `make test`)
 	$(PY) -m pytest -q -m slow
 
 # The web demo's browser test (tests/web/test_web_browser.py) drives Debian's headless Chromium through its

@@ -24,6 +24,7 @@ def test_bench_measures_both_stages_and_rewrites_only_its_section(tiny_world, tm
     assert "recorded in" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["tiny", "tiny-sdxl"])
 def test_the_gpu_bench_code_runs_on_the_tiny_architectures(arch, tmp_path, capsys):
     """The GPU benchmark's code path (random weights, baseline loop, both stages, UNet part, a

@@ -134,7 +134,9 @@ OPTIONS = {"gradient_checkpointing": {"gradient_checkpointing": True}, "channels
            "compile_unet": {"compile_unet": True, "compile_backend": "aot_eager"}}
 
 
-@pytest.mark.parametrize("option", list(OPTIONS))
+# compiling (aot_eager) takes ~40 s on 2 cores: in the slow suite
+@pytest.mark.parametrize(
+    "option", [pytest.param(o, marks=pytest.mark.slow) if o == "compile_unet" else o for o in OPTIONS])
 def test_speed_and_memory_options_leave_the_loss_and_gradients_unchanged(tiny_world, option):
     """Stage 2 (router with Gumbel samples, routing loss, multi-ID LoRA): the same loss and gradients
     with the option on as off; and the option is really in effect."""

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import nbformat
+import pytest
 import torch
 from nbclient import NotebookClient
 
@@ -13,6 +14,7 @@ from tests.test_module import make_module
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "routing_maps.ipynb"
 
 
+@pytest.mark.slow
 def test_routing_maps_notebook_executes(tiny_world, tmp_path, monkeypatch):
     module = make_module(tiny_world, stage=2)
     ckpt = {"hyper_parameters": dict(module.hparams)}

@@ -83,6 +83,7 @@ def test_identity_probe_measures_how_well_tokens_tell_people_apart(tiny_world):
     assert probe.measure(blank, m)["held-out"]["token_nn"] < 0.5  # identical tokens identify nobody
 
 
+@pytest.mark.slow
 def test_identity_probe_reports_seen_and_unseen_splits_with_a_standard_error(tiny_world, capsys):
     """Each split is measured whole (max_batches permitting), with a non-zero standard error once identity
     changes the output; the printed figures are the ones in report.json."""
@@ -129,6 +130,7 @@ def test_tiny_report_keeps_what_earlier_steps_wrote(tiny_world):
     assert json.loads((tiny_world / "tiny_report.json").read_text())["unet_loss"] == first["unet_loss"]
 
 
+@pytest.mark.slow
 def test_tiny_quality_is_reproducible_and_measures_each_part(tiny_world):
     """`python -m src.tiny --quality`: the same world gives the same figures; every part is measured."""
     import math

@@ -223,6 +223,7 @@ def test_cli_writes_dataset(tmp_path: Path) -> None:
         SyntheticConfig(crop_scale=0).validate()
 
 
+@pytest.mark.slow
 def test_worker_processes_write_the_same_bytes(tmp_path: Path) -> None:
     """Shards rendered over 2 processes (canonical faces drawn between them) are the bytes of 1 process."""
     small = dict(TINY, single=6, multi=5, heldout=3, samples_per_shard=2, progress=False)

@@ -54,6 +54,7 @@ def run_eval(world: Path, ckpt: Path, out: Path, *extra: str, steps: int = 2) ->
                           "--steps", str(steps), "--device", "cpu", "--calibration-renders", "4", *extra])
 
 
+@pytest.mark.slow
 def test_single_protocol_outputs_and_resume(tiny_world, checkpoints, tmp_path, capsys):
     out = tmp_path / "eval"
     res = run_eval(tiny_world, checkpoints["stage1"], out, "--identities", "2", "--prompts", "2", "--images", "2",
@@ -118,6 +119,7 @@ class KnownFaces:
         return self._embed(self.shown, image)[None], torch.tensor([[0.0, 0.0, float(w), float(h)]])
 
 
+@pytest.mark.slow
 def test_face_sim_scores_each_image_against_its_own_identity(tiny_world, checkpoints, tmp_path, monkeypatch):
     """Face Sim compares each image with the reference of the identity it was generated for (not with the best
     matching reference), and per_identity collects each identity's own images. A recogniser that knows who is
@@ -195,6 +197,7 @@ def assert_recognisers_never_mixed(md: str) -> None:
                 assert before == after, rows
 
 
+@pytest.mark.slow
 def test_multi_splits_end_to_end_routed(tiny_world, checkpoints, tmp_path):
     """Stage 2 (routers): 2 / 3 / 4-person splits with their metrics, tables, contact sheets and plots."""
     out = tmp_path / "eval"
@@ -231,6 +234,7 @@ def test_multi_splits_end_to_end_routed(tiny_world, checkpoints, tmp_path):
     assert "tiny recogniser, synthetic world" in md and BREAK in md
 
 
+@pytest.mark.slow
 def test_stage1_runs_the_splits_unrouted(tiny_world, checkpoints, tmp_path):
     """A checkpoint without routers: every identity applied everywhere with equal weight (all-ones masks),
     rows labelled unrouted, no routing accuracy; a resumed run reuses the images."""

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from src.cli.train import main as train_main
@@ -60,6 +61,7 @@ def logged_tags(out: Path, kind: str = "scalars") -> set[str]:
     return tags
 
 
+@pytest.mark.slow
 def test_callback_logs_face_sim_and_clip_i_in_stage1_and_routing_in_stage2(tiny_world, tmp_path):
     cli = fit_with_metrics(tiny_world, tmp_path / "s1", 1, 2)
     cb = next(c for c in cli.trainer.callbacks if type(c).__name__ == "IdentityMetrics")

@@ -171,6 +171,7 @@ def _identity_renders(protos: torch.Tensor, per_id: int, g: torch.Generator) -> 
     return x.clamp(-1, 1), torch.arange(protos.shape[0]).repeat_interleave(per_id)
 
 
+@pytest.mark.slow
 def test_pretrain_recognition_beats_untrained() -> None:
     """A tiny IR-18 trained briefly with the margin head identifies *new* renders far above chance
     (1/8) and better than the same backbone untrained; it comes back frozen."""
@@ -194,6 +195,7 @@ def test_pretrain_recognition_beats_untrained() -> None:
     assert not bb.training and not any(p.requires_grad for p in bb.parameters())
 
 
+@pytest.mark.slow
 def test_pooled_margin_loss_puts_identity_into_the_map_tokens() -> None:
     """The Q-Former reads the last map's 49 tokens without positions, so identity must survive their
     average. Training with ``pooled_weight`` (a margin head on that spatial mean) identifies new
