@@ -172,7 +172,7 @@ def test_batched_detection_equals_one_at_a_time(big_astronaut):
 
 def test_channels_last_detection_equals_facenet_detect_face(big_astronaut):
     """channels_last=False is facenet-pytorch's MTCNN exactly as shipped; the default (networks on channels-last
-    inputs) finds the same faces up to float rounding, on one image and on a batch of several faces' photos."""
+    inputs) finds the same faces up to float rounding, on one-face and two-face photos of several sizes."""
     stock = FaceDetector(min_prob=0.0, detect_size=0, channels_last=False)
     boxes, probs, points = stock.mtcnn.detect(big_astronaut, landmarks=True)
     shipped = stock.detect_raw(big_astronaut)
