@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,80 +28,157 @@ class CanonicalFace:
     extent: tuple[float, float, float, float]  # opaque extent (hair included), template-frame units
 
 
+class _Mask:
+    """A boolean mask that is False outside a window of the canvas (pixel rows `rows`, columns `cols`).
+
+    Shapes are tested only inside their bounding box: testing every shape over the whole supersampled canvas
+    took most of a render's time. Each pixel's test is the same arithmetic as over the whole canvas, so the
+    renders are the same bytes."""
+
+    def __init__(self, rows: slice, cols: slice, m: np.ndarray) -> None:
+        self.rows, self.cols, self.m = rows, cols, m  # m: bool (rows, cols)
+
+    def over(self, rows: slice, cols: slice) -> np.ndarray:
+        """This mask over another window: bool (rows, cols), False where it does not reach."""
+        out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), bool)
+        r0, r1 = max(rows.start, self.rows.start), min(rows.stop, self.rows.stop)
+        c0, c1 = max(cols.start, self.cols.start), min(cols.stop, self.cols.stop)
+        if r0 < r1 and c0 < c1:
+            out[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start] = self.m[
+                r0 - self.rows.start : r1 - self.rows.start, c0 - self.cols.start : c1 - self.cols.start]
+        return out
+
+    def __and__(self, other: _Mask) -> _Mask:
+        r0, c0 = max(self.rows.start, other.rows.start), max(self.cols.start, other.cols.start)
+        rows = slice(r0, max(r0, min(self.rows.stop, other.rows.stop)))
+        cols = slice(c0, max(c0, min(self.cols.stop, other.cols.stop)))
+        return _Mask(rows, cols, self.over(rows, cols) & other.over(rows, cols))
+
+    def __or__(self, other: _Mask) -> _Mask:
+        rows = slice(min(self.rows.start, other.rows.start), max(self.rows.stop, other.rows.stop))
+        cols = slice(min(self.cols.start, other.cols.start), max(self.cols.stop, other.cols.stop))
+        return _Mask(rows, cols, self.over(rows, cols) | other.over(rows, cols))
+
+
+# A test of pixel centres: x (1, W) and y (H, 1) template-frame coordinates -> bool broadcastable to (H, W).
+Test = Callable[[np.ndarray, np.ndarray], "np.ndarray | bool"]
+
+
 class _Painter:
     """Paints masks onto a supersampled colour/alpha canvas addressed in template-frame coordinates."""
 
     def __init__(self, px: int, fill: tuple[float, float, float]) -> None:
         side = int(CANVAS_FRAME * px * SUPERSAMPLE)
-        centres = (np.arange(side, dtype=np.float32) + 0.5) / (px * SUPERSAMPLE) - CANVAS_OFFSET
-        self.x, self.y = np.meshgrid(centres, centres)  # (G, G) template-frame coordinates of pixel centres
+        self.scale = px * SUPERSAMPLE  # canvas pixels per template-frame unit
+        # (G,) template-frame coordinate of each pixel centre, along x (columns) and y (rows) alike
+        self.centres = (np.arange(side, dtype=np.float32) + 0.5) / self.scale - CANVAS_OFFSET
         self.rgb = np.empty((side, side, 3), np.float32)
         self.rgb[:] = fill  # hair colour under transparent pixels: anti-aliased edges blend into hair, not black
         self.alpha = np.zeros((side, side), np.float32)
 
-    def ellipse(self, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
-        return ((self.x - cx) / rx) ** 2 + ((self.y - cy) / ry) ** 2 <= 1.0
+    def _span(self, lo: float, hi: float) -> slice:
+        """The pixels whose centres may lie in [lo, hi] (one pixel of margin each side), within the canvas."""
+        side = len(self.centres)
+        start = math.floor((lo + CANVAS_OFFSET) * self.scale - 0.5) - 1
+        stop = math.ceil((hi + CANVAS_OFFSET) * self.scale - 0.5) + 2
+        start, stop = min(max(start, 0), side), min(max(stop, 0), side)
+        return slice(start, max(start, stop))
 
-    def paint(self, mask: np.ndarray, colour: Sequence[float], opacity: float = 1.0, opaque: bool = True) -> None:
-        self.rgb[mask] = self.rgb[mask] * (1.0 - opacity) + np.asarray(colour, np.float32) * opacity
+    def within(self, mask: _Mask, test: Test) -> _Mask:
+        """The pixels of `mask` that pass `test`."""
+        x, y = self.centres[None, mask.cols], self.centres[mask.rows, None]
+        return _Mask(mask.rows, mask.cols, mask.m & test(x, y))
+
+    def shape(self, box: tuple[float, float, float, float], test: Test) -> _Mask:
+        """The pixels that pass `test`, which must be False outside `box` (x0, y0, x1, y1, template frame)."""
+        rows, cols = self._span(box[1], box[3]), self._span(box[0], box[2])
+        return self.within(_Mask(rows, cols, np.ones((rows.stop - rows.start, cols.stop - cols.start), bool)), test)
+
+    def empty(self) -> _Mask:
+        return _Mask(slice(0, 0), slice(0, 0), np.zeros((0, 0), bool))
+
+    def ellipse(self, cx: float, cy: float, rx: float, ry: float) -> _Mask:
+        return self.shape((cx - rx, cy - ry, cx + rx, cy + ry),
+                          lambda x, y: ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0)
+
+    def paint(self, mask: _Mask, colour: Sequence[float], opacity: float = 1.0, opaque: bool = True) -> None:
+        rgb, m = self.rgb[mask.rows, mask.cols], mask.m  # a view: writes land on the canvas
+        rgb[m] = rgb[m] * (1.0 - opacity) + np.asarray(colour, np.float32) * opacity
         if opaque:
-            self.alpha[mask] = 1.0
+            self.alpha[mask.rows, mask.cols][m] = 1.0
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """Box-filter the supersampled canvas: uint8 (S, S, 3) colour and uint8 (S, S) alpha."""
-        g = self.rgb.shape[0] // SUPERSAMPLE
-        rgb = self.rgb.reshape(g, SUPERSAMPLE, g, SUPERSAMPLE, 3).mean((1, 3))
-        alpha = self.alpha.reshape(g, SUPERSAMPLE, g, SUPERSAMPLE).mean((1, 3))
+        rgb, alpha = _box_mean(self.rgb), _box_mean(self.alpha)
         return np.clip(rgb + 0.5, 0, 255).astype(np.uint8), np.clip(alpha * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _hair_back_mask(p: _Painter, ip: IdentityParams) -> np.ndarray:
+def _box_mean(a: np.ndarray) -> np.ndarray:
+    """Mean of each 2x2 block of (2G, 2G, ...) float32 -> (G, G, ...): the four pixels summed in the order
+    `a.reshape(G, 2, G, 2, ...).mean((1, 3))` sums them (the same bits), ~5x faster than its strided reduction."""
+    assert SUPERSAMPLE == 2
+    return (((a[0::2, 0::2] + a[0::2, 1::2]) + a[1::2, 0::2]) + a[1::2, 1::2]) / np.float32(4)
+
+
+def _hair_back_mask(p: _Painter, ip: IdentityParams) -> _Mask:
     cx, cy, rx, ry = FACE_CENTER[0], FACE_CENTER[1], ip.face_rx, ip.face_ry
     top = cy - ry
     if ip.hair_style == "bald":
-        return np.zeros_like(p.x, dtype=bool)
-    cap = p.ellipse(cx, cy - 10, rx + 5, ry - 4) & (p.y < cy + 6)
+        return p.empty()
+    cap = p.within(p.ellipse(cx, cy - 10, rx + 5, ry - 4), lambda x, y: y < cy + 6)
     if ip.hair_style == "long":
-        sides = (np.abs(p.x - cx) < rx + 9) & (p.y > cy - 10) & (p.y < cy + ry + 12)
+        sides = p.shape((cx - rx - 9, cy - 10, cx + rx + 9, cy + ry + 12),
+                        lambda x, y: (np.abs(x - cx) < rx + 9) & (y > cy - 10) & (y < cy + ry + 12))
         return cap | p.ellipse(cx, cy - 6, rx + 9, ry + 2) | sides
     if ip.hair_style == "bun":
         return cap | p.ellipse(cx, top - 8, 13, 11)
     if ip.hair_style == "afro":
-        return p.ellipse(cx, cy - 14, rx + 17, ry + 4) & (p.y < cy + 18)
+        return p.within(p.ellipse(cx, cy - 14, rx + 17, ry + 4), lambda x, y: y < cy + 18)
     return cap
 
 
-def _pattern_mask(p: _Painter, ip: IdentityParams) -> np.ndarray:
-    """The identity's fine pattern, a boolean field over the canvas (period in template units)."""
+def _pattern_test(ip: IdentityParams) -> Test:
+    """The identity's fine pattern, a test of pixel centres (period in template units)."""
     c, s = math.cos(ip.pattern_angle), math.sin(ip.pattern_angle)
-    u = (p.x - FACE_CENTER[0]) * c + (p.y - FACE_CENTER[1]) * s
-    v = -(p.x - FACE_CENTER[0]) * s + (p.y - FACE_CENTER[1]) * c
     t = ip.pattern_period
-    if ip.pattern == "stripes":
-        return np.mod(u, t) < t / 2
-    if ip.pattern == "checker":
-        return (np.floor(u / t) + np.floor(v / t)) % 2 == 0
-    if ip.pattern == "dots":
-        du, dv = np.mod(u, t) - t / 2, np.mod(v, t) - t / 2
-        return du**2 + dv**2 < (0.3 * t) ** 2
-    r = np.sqrt((p.x - FACE_CENTER[0]) ** 2 + (p.y - 46.0) ** 2)  # rings around the forehead
-    return np.mod(r, t) < t / 2
+
+    def test(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        u = (x - FACE_CENTER[0]) * c + (y - FACE_CENTER[1]) * s
+        v = -(x - FACE_CENTER[0]) * s + (y - FACE_CENTER[1]) * c
+        if ip.pattern == "stripes":
+            return np.mod(u, t) < t / 2
+        if ip.pattern == "checker":
+            return (np.floor(u / t) + np.floor(v / t)) % 2 == 0
+        if ip.pattern == "dots":
+            du, dv = np.mod(u, t) - t / 2, np.mod(v, t) - t / 2
+            return du**2 + dv**2 < (0.3 * t) ** 2
+        r = np.sqrt((x - FACE_CENTER[0]) ** 2 + (y - 46.0) ** 2)  # rings around the forehead
+        return np.mod(r, t) < t / 2
+
+    return test
 
 
-def _region_mask(p: _Painter, ip: IdentityParams) -> np.ndarray:
+def _region_test(ip: IdentityParams) -> Test:
     if ip.pattern_region == "upper":
-        return p.y < 58.0
+        return lambda x, y: y < 58.0
     if ip.pattern_region == "lower":
-        return p.y > 62.0
-    return np.ones_like(p.x, dtype=bool)
+        return lambda x, y: y > 62.0
+    return lambda x, y: True
 
 
-def _brow_mask(p: _Painter, ip: IdentityParams, eye: np.ndarray, side: float) -> np.ndarray:
+def _brow_mask(p: _Painter, ip: IdentityParams, eye: np.ndarray, side: float) -> _Mask:
     tilt = ip.brow_tilt * side  # mirrored: both brows tilt up (or down) towards the temples
     c, s = math.cos(tilt), math.sin(tilt)
-    dx, dy = p.x - eye[0], p.y - (eye[1] - ip.eye_ry - 5.5)
-    u, v = dx * c + dy * s, -dx * s + dy * c
-    return (np.abs(u) < ip.eye_rx + 2.5) & (np.abs(v) < ip.brow_thickness / 2)
+    bx, by = eye[0], eye[1] - ip.eye_ry - 5.5  # the brow's centre
+    half_u, half_v = ip.eye_rx + 2.5, ip.brow_thickness / 2
+    reach = math.hypot(half_u, half_v)  # the rotated rectangle lies within this radius of its centre
+
+    def test(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        dx, dy = x - eye[0], y - (eye[1] - ip.eye_ry - 5.5)
+        u, v = dx * c + dy * s, -dx * s + dy * c
+        return (np.abs(u) < ip.eye_rx + 2.5) & (np.abs(v) < ip.brow_thickness / 2)
+
+    return p.shape((bx - reach, by - reach, bx + reach, by + reach), test)
 
 
 def render_canonical(ip: IdentityParams, px: int = 1) -> CanonicalFace:
@@ -114,10 +191,12 @@ def render_canonical(ip: IdentityParams, px: int = 1) -> CanonicalFace:
     p.paint(ears, ip.skin)
     face = p.ellipse(cx, cy, ip.face_rx, ip.face_ry)
     p.paint(face, ip.skin)
-    p.paint(face & _region_mask(p, ip) & _pattern_mask(p, ip), ip.pattern_colour, ip.pattern_alpha)
+    p.paint(p.within(p.within(face, _region_test(ip)), _pattern_test(ip)), ip.pattern_colour, ip.pattern_alpha)
     if ip.hair_style != "bald":
-        fringe = ip.hairline + ip.fringe_amp * np.sin(2 * np.pi * p.x / ip.fringe_period + ip.fringe_phase)
-        p.paint(face & (p.y < fringe), ip.hair_colour)
+        def under_fringe(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            return y < ip.hairline + ip.fringe_amp * np.sin(2 * np.pi * x / ip.fringe_period + ip.fringe_phase)
+
+        p.paint(p.within(face, under_fringe), ip.hair_colour)
     brow_colour = tuple(0.6 * c for c in ip.hair_colour)
     for eye, side in ((lm[0], 1.0), (lm[1], -1.0)):
         p.paint(_brow_mask(p, ip, eye, side), brow_colour)
@@ -127,9 +206,12 @@ def render_canonical(ip: IdentityParams, px: int = 1) -> CanonicalFace:
         p.paint(p.ellipse(eye[0], eye[1], 0.45 * iris_r, 0.45 * iris_r), (10, 10, 10))
     if ip.glasses is not None:
         for eye in lm[:2]:
-            r = np.sqrt((p.x - eye[0]) ** 2 + (p.y - eye[1]) ** 2)
-            p.paint(np.abs(r - 11.0) < 0.9, ip.glasses)
-        p.paint((np.abs(p.y - lm[0, 1]) < 0.9) & (np.abs(p.x - cx) < 6.7), ip.glasses)
+            ring = p.shape((eye[0] - 11.9, eye[1] - 11.9, eye[0] + 11.9, eye[1] + 11.9),
+                           lambda x, y, e=eye: np.abs(np.sqrt((x - e[0]) ** 2 + (y - e[1]) ** 2) - 11.0) < 0.9)
+            p.paint(ring, ip.glasses)
+        bridge = p.shape((cx - 6.7, lm[0, 1] - 0.9, cx + 6.7, lm[0, 1] + 0.9),
+                         lambda x, y: (np.abs(y - lm[0, 1]) < 0.9) & (np.abs(x - cx) < 6.7))
+        p.paint(bridge, ip.glasses)
     shade = tuple(0.8 * c for c in ip.skin)
     p.paint(p.ellipse(lm[2, 0], lm[2, 1] - 7.0, 2.5, 7.0), shade)
     for dx in (-3.5, 3.5):

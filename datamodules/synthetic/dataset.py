@@ -167,12 +167,13 @@ def _pool(workers: int, **kwargs) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), **kwargs)
 
 
-def _write_splits(specs: list[SplitSpec], cfg: SyntheticConfig, out: Path, bar: tqdm | None) -> None:
-    """Every shard of every split: in this process (workers == 1), or over `cfg.workers` processes that first
-    draw every identity's canonical faces between them."""
+def _write_splits(specs: list[SplitSpec], cfg: SyntheticConfig, out: Path, bar: tqdm | None,
+                  cache: FaceCache | None = None) -> None:
+    """Every shard of every split: in this process (workers == 1, drawing faces into `cache`), or over
+    `cfg.workers` processes that first draw every identity's canonical faces between them."""
     jobs = [(spec, shard) for spec in specs for shard in range(_n_shards(spec, cfg))]
     if cfg.workers == 1:
-        cache = FaceCache()
+        cache = FaceCache() if cache is None else cache
         for spec, shard in jobs:
             n = _write_shard(spec, shard, cfg, out, cache)
             if bar is not None:
@@ -206,15 +207,17 @@ def _split_entry(spec: SplitSpec, cfg: SyntheticConfig, out: Path) -> dict[str, 
     }
 
 
-def generate(out: Path, cfg: SyntheticConfig) -> dict:
-    """Generate the whole dataset under `out` and write `out/manifest.json`; returns the manifest dict."""
+def generate(out: Path, cfg: SyntheticConfig, cache: FaceCache | None = None) -> dict:
+    """Generate the whole dataset under `out` and write `out/manifest.json`; returns the manifest dict.
+
+    `cache`: canonical renders to reuse and add to (with one worker), e.g. shared with `render_identity_crops`."""
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = split_specs(cfg)
     total = sum(s.count for s in specs)
     bar = tqdm(total=total, desc="synthetic faces", unit="img", disable=not cfg.progress)
-    _write_splits(specs, cfg, out, bar)
+    _write_splits(specs, cfg, out, bar, cache)
     bar.close()
     splits = {spec.name: _split_entry(spec, cfg, out) for spec in specs}
     manifest = {
@@ -234,7 +237,8 @@ def generate(out: Path, cfg: SyntheticConfig) -> dict:
 
 
 def render_identity_crops(
-    identity_ids: Sequence[int], n_per_id: int, seed: int = 0, size: int = 64, crop_scale: int = 4, workers: int = 1
+    identity_ids: Sequence[int], n_per_id: int, seed: int = 0, size: int = 64, crop_scale: int = 4, workers: int = 1,
+    cache: FaceCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Aligned recognition crops of new single-face renders, for pretraining the tiny face backbone.
 
@@ -242,7 +246,8 @@ def render_identity_crops(
     labels int64 (M,) holding the identity index k of ``syn_<k>`` (the class index when ids == range(C)).
     Images are drawn like the dataset's (same nuisance) at `size` px, the crops cut like the dataset's (from the
     scene at `crop_scale` x `size`, see `render_sample`). Crop (k, j) depends only on (seed, k, j): `workers`
-    processes, each drawing a contiguous run of identities, return the same arrays as one.
+    processes, each drawing a contiguous run of identities, return the same arrays as one; with one, `cache`
+    holds canonical renders to reuse and add to.
     """
     ids = [int(k) for k in identity_ids]
     if workers > 1 and len(ids) > 1:
@@ -251,7 +256,7 @@ def render_identity_crops(
             parts = list(ex.map(render_identity_crops, chunks, [n_per_id] * len(chunks), [seed] * len(chunks),
                                 [size] * len(chunks), [crop_scale] * len(chunks)))
         return np.concatenate([c for c, _ in parts]), np.concatenate([lb for _, lb in parts])
-    cache = FaceCache()
+    cache = FaceCache() if cache is None else cache
     crops, labels = [], []
     for k in ids:
         for j in range(n_per_id):

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from datamodules.schema import Face, Sample
 from datamodules.synthetic.canonical import (
+    CANVAS_FRAME,
     CANVAS_OFFSET,
     FACE_CENTER,
     SUPERSAMPLE,
@@ -150,6 +151,17 @@ def _background(rng: np.random.Generator, side: int) -> tuple[Image.Image, str]:
     return bg, name
 
 
+def _warp_size(canvas_size: tuple[int, int], to_canvas: np.ndarray) -> tuple[int, int]:
+    """The part of the canvas a canonical render is warped into: from the origin to the far corner of the
+    canonical square's footprint (+2 px), within the canvas. Beyond it every output pixel samples outside the
+    render, so its alpha is 0 and pasting it changes nothing; the part keeps the canvas's origin, and PIL
+    computes each output pixel from its own coordinates, so the pasted bytes are those of a whole-canvas warp."""
+    lo, hi = -CANVAS_OFFSET, CANVAS_FRAME - CANVAS_OFFSET  # the canonical square, template frame
+    corners = _points(to_canvas, np.array([[lo, lo], [hi, lo], [lo, hi], [hi, hi]]))  # (4, 2) canvas px
+    return (min(canvas_size[0], max(0, math.ceil(corners[:, 0].max()) + 2)),
+            min(canvas_size[1], max(0, math.ceil(corners[:, 1].max()) + 2)))
+
+
 def _paste_face(canvas: Image.Image, canon: CanonicalFace, pl: Placement) -> None:
     """Warp the canonical face into the supersampled canvas (in place) with the placement's similarity."""
     # canvas px (supersampled) <- template frame: P = SUPERSAMPLE * A f; canonical px = (f + OFFSET) * px.
@@ -157,7 +169,9 @@ def _paste_face(canvas: Image.Image, canon: CanonicalFace, pl: Placement) -> Non
     frame_to_canon = np.array([[canon.px, 0, CANVAS_OFFSET * canon.px], [0, canon.px, CANVAS_OFFSET * canon.px],
                                [0, 0, 1.0]])
     inv = (frame_to_canon @ np.linalg.inv(to_canvas))[:2].reshape(-1)  # PIL maps output -> input
-    size = canvas.size
+    size = _warp_size(canvas.size, to_canvas)
+    if size[0] == 0 or size[1] == 0:
+        return
     rgb = canon.rgb.transform(size, Image.Transform.AFFINE, tuple(inv), resample=Image.Resampling.BILINEAR)
     alpha = canon.alpha.transform(size, Image.Transform.AFFINE, tuple(inv), resample=Image.Resampling.BILINEAR)
     canvas.paste(rgb, (0, 0), alpha)

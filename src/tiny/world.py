@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+from datamodules.synthetic.canonical import FaceCache
 from datamodules.synthetic.dataset import SyntheticConfig, generate, render_identity_crops
 from datamodules.synthetic.identities import manifest_identities
 from src.conventions import uint8_to_unit
@@ -63,9 +64,10 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
     report["seed"] = seed
     t0 = time.time()
     data_dir = out / "data"
+    faces = FaceCache()  # canonical renders, drawn once for the data, the face crops and the examples
     if not (data_dir / "manifest.json").exists():
         cfg = data or SyntheticConfig(seed=seed, workers=workers)
-        generate(data_dir, cfg)
+        generate(data_dir, cfg, faces)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     report["data"] = manifest["counts"]
 
@@ -85,8 +87,9 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
         torch.manual_seed(seed)
         face = IRBackbone(18, TINY_FACE_WIDTHS, TINY_FACE_EMBEDDING)
         train_ids = list(range(len(manifest["identities"]["train"])))
-        crops, labels = render_identity_crops(train_ids, n_per_id=24, seed=seed + 1, workers=workers)
-        held, held_labels = render_identity_crops(train_ids, n_per_id=4, seed=seed + 2, workers=workers)
+        crops, labels = render_identity_crops(train_ids, n_per_id=24, seed=seed + 1, workers=workers, cache=faces)
+        held, held_labels = render_identity_crops(train_ids, n_per_id=4, seed=seed + 2, workers=workers,
+                                                  cache=faces)
         x = uint8_to_unit(crops)
         held_x, held_y = uint8_to_unit(held), torch.as_tensor(held_labels)
         before = evaluate_verification(face, held_x, held_y)
@@ -135,7 +138,7 @@ def build(out: Path, seed: int = 0, data: SyntheticConfig | None = None, vae_ste
     if not examples.exists():
         # aligned crops of two held-out (unseen) identities, for the README's generate example
         ids = manifest_identities(manifest, "unseen")[:2]
-        crops, _ = render_identity_crops(ids, n_per_id=1, seed=seed + 3)
+        crops, _ = render_identity_crops(ids, n_per_id=1, seed=seed + 3, cache=faces)
         examples.mkdir()
         for label, crop in zip(("person_a", "person_b"), crops):
             Image.fromarray(crop).save(examples / f"{label}.png")

@@ -128,6 +128,48 @@ def test_identities_are_stable_and_distinct() -> None:
     assert not np.array_equal(np.asarray(a.rgb), np.asarray(b.rgb))
 
 
+def test_windowed_drawing_and_warping_give_the_bytes_of_whole_canvas_ones(monkeypatch) -> None:
+    """Each shape is tested only inside its bounding box, and each face warped only into the part of the canvas
+    its render can reach: the same bytes as testing and warping over the whole canvas, for every hair style,
+    pattern, pattern region and glasses (a window that misses a shape's first or last pixel fails this)."""
+    from datamodules.synthetic import canonical, scene
+
+    wanted = {("hair", v) for v in ("bald", "short", "long", "bun", "afro")}
+    wanted |= {("pattern", v) for v in ("stripes", "checker", "dots", "rings")}
+    wanted |= {("region", v) for v in ("face", "upper", "lower")} | {("glasses", True)}
+    ids, seen = [], set()
+    for k in range(200):
+        ip = identity_params(k)
+        traits = {("hair", ip.hair_style), ("pattern", ip.pattern), ("region", ip.pattern_region),
+                  ("glasses", ip.glasses is not None)} & wanted
+        if traits - seen:
+            ids.append(k)
+            seen |= traits
+    assert seen == wanted
+    cases = [(k, 1) for k in ids] + [(ids[0], 3)]
+    scenes = [(i, [(2 * i + j) % 64 for j in range(1 + i % 3)]) for i in range(6)]
+
+    def draw() -> tuple[list, list]:
+        faces = [render_canonical(identity_params(k), px) for k, px in cases]
+        cache = FaceCache()
+        samples = [render_sample(np.random.default_rng([7, i]), who, 64, 112, "k", cache, crop_scale=2)
+                   for i, who in scenes]
+        return faces, samples
+
+    faces, samples = draw()
+    monkeypatch.setattr(canonical._Painter, "_span", lambda self, lo, hi: slice(0, len(self.centres)))
+    monkeypatch.setattr(scene, "_warp_size", lambda canvas_size, to_canvas: canvas_size)
+    whole_faces, whole_samples = draw()
+    for (k, px), a, b in zip(cases, faces, whole_faces):
+        assert np.array_equal(np.asarray(a.rgb), np.asarray(b.rgb)), (k, px)
+        assert np.array_equal(np.asarray(a.alpha), np.asarray(b.alpha)) and a.extent == b.extent, (k, px)
+    for (i, _), a, b in zip(scenes, samples, whole_samples):
+        for name in ("image", "recog", "clip"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=f"scene {i}: {name}")
+    x = np.random.default_rng(0).uniform(0, 255, (64, 64, 3)).astype(np.float32)  # the 2x2 box filter's sums
+    np.testing.assert_array_equal(canonical._box_mean(x), x.reshape(32, 2, 32, 2, 3).mean((1, 3)))
+
+
 def _dark_centroid(crop: np.ndarray, centre: np.ndarray, r: int = 5) -> np.ndarray:
     """Centroid of the darkest pixels (pupil + iris) in a (2r+1)^2 window around `centre` of a crop."""
     cx, cy = int(round(centre[0] - 0.5)), int(round(centre[1] - 0.5))
@@ -211,7 +253,7 @@ def test_faces_keep_their_drawn_size(n: int) -> None:
 def test_cli_writes_dataset(tmp_path: Path) -> None:
     manifest = main(["--out", str(tmp_path), "--identities", "3", "--unseen", "2", "--single", "2", "--multi", "2",
                      "--heldout", "1", "--samples-per-shard", "2", "--clip-size", "96", "--crop-scale", "2",
-                     "--no-progress"])
+                     "--no-progress", "--workers", "1"])  # worker processes: the slow test below
     assert manifest["options"]["clip_size"] == 96 and manifest["options"]["crop_scale"] == 2
     s = decode_sample(read_raw(tmp_path / "single" / "train-000000.tar")[0])
     assert s.clip.shape == (1, 96, 96, 3)
