@@ -173,8 +173,8 @@ class SyntheticFaceRecognizer:
             k = 1 + i % 2 if len(ids) > 1 else 1
             who = [int(v) for v in rng.choice(ids, size=k, replace=False)]
             s = render_sample(rng, who, self.image_size, FACE_RECOG_SIZE, f"calib_{i}", cache)
-            renders.append((s.image, len(who)))
             emb, win = self.window_embeddings(s.image)
+            renders.append((emb, len(who)))
             iou = box_iou(win, np.stack([face_square(f.box) for f in s.faces]))  # (W, K)
             pos.append(emb[torch.from_numpy(iou.max(1) >= 0.5)])
             neg.append(emb[torch.from_numpy(iou.max(1) < 0.1)])
@@ -188,14 +188,20 @@ class SyntheticFaceRecognizer:
                  "face_window_recall": float((sp >= threshold).float().mean()),
                  "background_rejection": float((sq < threshold).float().mean())}
         self.direction, self.bias, self.threshold = weight, bias, threshold
+        # the renders' window embeddings, computed above, are what `embed_faces` would compute again
         stats["face_count_accuracy_on_calibration_renders"] = float(np.mean(
-            [len(self.embed_faces(img)[0]) == k for img, k in renders]))
+            [len(self._faces_of(emb, self.windows, self.image_size, self.image_size)[0]) == k
+             for emb, k in renders]))
         return weight, threshold, stats
 
     def embed_faces(self, image: np.ndarray) -> tuple[Tensor, Tensor]:
         """uint8 (H, W, 3) -> (embeddings (K, D) L2-normalised, boxes (K, 4) in the image's pixels), largest first."""
         h, w = image.shape[:2]
         emb, win = self.window_embeddings(image)
+        return self._faces_of(emb, win, h, w)
+
+    def _faces_of(self, emb: Tensor, win: np.ndarray, h: int, w: int) -> tuple[Tensor, Tensor]:
+        """The faces among windows `win` (W, 4) with embeddings `emb` (W, D) of an h x w image: see `embed_faces`."""
         score = (emb @ self.direction + self.bias).numpy()  # (W,) faceness logits
         cand = np.flatnonzero(score >= self.threshold)
         keep = cand[nms(win[cand], score[cand], self.nms_iou)] if len(cand) else cand
