@@ -166,6 +166,8 @@ class FaceDetector:
             thresholds=list(thresholds),
             device=self.device,
         ).eval()
+        # the three networks behind channels-last inputs, wrapped once (the wrappers share their weights)
+        self._channels_last_nets = tuple(ChannelsLast(n) for n in (self.mtcnn.pnet, self.mtcnn.rnet, self.mtcnn.onet))
 
     @property
     def min_image_side(self) -> int:
@@ -196,9 +198,7 @@ class FaceDetector:
         from facenet_pytorch.models.utils.detect_face import detect_face
 
         m = self.mtcnn
-        nets = [m.pnet, m.rnet, m.onet]
-        if self.channels_last:
-            nets = [ChannelsLast(net) for net in nets]
+        nets = self._channels_last_nets if self.channels_last else (m.pnet, m.rnet, m.onet)
         with torch.no_grad():
             boxes, points = detect_face(batch, m.min_face_size, *nets, m.thresholds, m.factor, m.device)
         # object arrays (facenet-pytorch 2.5.3 with numpy 2): convert each image's entries explicitly
