@@ -75,6 +75,35 @@ def tiny_world(request, tmp_path_factory) -> Path:
     return world
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _tokenizers_loaded_once() -> Iterator[None]:
+    """`CLIPTokenizer.from_pretrained` loads each tokenizer folder once per session, keyed by the folder's files
+    (name, size, modification time) and the call's arguments: parsing the 49408-token vocabulary takes ~0.3 s a
+    load here, and the suite loads ~170. Tests read tokenizers and never change one, so sharing the
+    loaded object is safe; a folder written anew (another test's) is a new key, and a failed load is not kept."""
+    from transformers import CLIPTokenizer
+
+    load = CLIPTokenizer.from_pretrained.__func__  # the classmethod's function
+    loaded: dict[tuple, CLIPTokenizer] = {}
+
+    def once(cls, path, *args, **kwargs):
+        folder = Path(path) / kwargs.get("subfolder", "")
+        try:
+            files = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()))
+            key = (cls, str(folder.resolve()), files, args, tuple(sorted(kwargs.items())))
+            hash(key)
+        except (OSError, TypeError):  # not a local folder, or an argument that cannot be a key: load it
+            return load(cls, path, *args, **kwargs)
+        if key not in loaded:
+            loaded[key] = load(cls, path, *args, **kwargs)
+        return loaded[key]
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(CLIPTokenizer, "from_pretrained", classmethod(once))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _hermetic_cwd(tmp_path, monkeypatch):
     """Run every test in its own folder: configs write relative paths (runs/tiny/...), which must
