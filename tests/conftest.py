@@ -77,7 +77,7 @@ def tiny_world(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _tokenizers_loaded_once() -> Iterator[None]:
-    """`CLIPTokenizer.from_pretrained` loads each tokenizer folder once per session, keyed by the folder's files
+    """`CLIPTokenizer.from_pretrained` loads each tokenizer folder once per test session, keyed by the folder's files
     (name, size, modification time) and the call's arguments: parsing the 49408-token vocabulary takes ~0.3 s a
     load here, and the suite loads ~170. Tests read tokenizers and never change one, so sharing the
     loaded object is safe; a folder written anew (another test's) is a new key, and a failed load is not kept."""
