@@ -77,7 +77,7 @@ def tiny_world(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _tokenizers_loaded_once() -> Iterator[None]:
-    """`CLIPTokenizer.from_pretrained` loads each tokenizer folder once per test session, keyed by the folder's files
+    """`CLIPTokenizer.from_pretrained` loads each tokenizer folder once per pytest run, keyed by the folder's files
     (name, size, modification time) and the call's arguments: parsing the 49408-token vocabulary takes ~0.3 s a
     load here, and the suite loads ~170. Tests read tokenizers and never change one, so sharing the
     loaded object is safe; a folder written anew (another test's) is a new key, and a failed load is not kept."""
@@ -89,7 +89,7 @@ def _tokenizers_loaded_once() -> Iterator[None]:
     def once(cls, path, *args, **kwargs):
         folder = Path(path) / kwargs.get("subfolder", "")
         try:
-            files = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()))
+            files = tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in folder.iterdir() for st in [f.stat()]))
             key = (cls, str(folder.resolve()), files, args, tuple(sorted(kwargs.items())))
             hash(key)
         except (OSError, TypeError):  # not a local folder, or an argument that cannot be a key: load it

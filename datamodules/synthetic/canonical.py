@@ -174,9 +174,9 @@ def _brow_mask(p: _Painter, ip: IdentityParams, eye: np.ndarray, side: float) ->
     reach = math.hypot(half_u, half_v)  # the rotated rectangle lies within this radius of its centre
 
     def test(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        dx, dy = x - eye[0], y - (eye[1] - ip.eye_ry - 5.5)
+        dx, dy = x - bx, y - by
         u, v = dx * c + dy * s, -dx * s + dy * c
-        return (np.abs(u) < ip.eye_rx + 2.5) & (np.abs(v) < ip.brow_thickness / 2)
+        return (np.abs(u) < half_u) & (np.abs(v) < half_v)
 
     return p.shape((bx - reach, by - reach, bx + reach, by + reach), test)
 
@@ -205,12 +205,14 @@ def render_canonical(ip: IdentityParams, px: int = 1) -> CanonicalFace:
         p.paint(p.ellipse(eye[0], eye[1], iris_r, iris_r), ip.iris_colour)
         p.paint(p.ellipse(eye[0], eye[1], 0.45 * iris_r, 0.45 * iris_r), (10, 10, 10))
     if ip.glasses is not None:
+        radius, half_width = 11.0, 0.9  # the rims, and the half-width of every line of the frame
+        reach = radius + half_width
         for eye in lm[:2]:
-            ring = p.shape((eye[0] - 11.9, eye[1] - 11.9, eye[0] + 11.9, eye[1] + 11.9),
-                           lambda x, y, e=eye: np.abs(np.sqrt((x - e[0]) ** 2 + (y - e[1]) ** 2) - 11.0) < 0.9)
+            ring = p.shape((eye[0] - reach, eye[1] - reach, eye[0] + reach, eye[1] + reach),
+                           lambda x, y, e=eye: np.abs(np.sqrt((x - e[0]) ** 2 + (y - e[1]) ** 2) - radius) < half_width)
             p.paint(ring, ip.glasses)
-        bridge = p.shape((cx - 6.7, lm[0, 1] - 0.9, cx + 6.7, lm[0, 1] + 0.9),
-                         lambda x, y: (np.abs(y - lm[0, 1]) < 0.9) & (np.abs(x - cx) < 6.7))
+        bridge = p.shape((cx - 6.7, lm[0, 1] - half_width, cx + 6.7, lm[0, 1] + half_width),
+                         lambda x, y: (np.abs(y - lm[0, 1]) < half_width) & (np.abs(x - cx) < 6.7))
         p.paint(bridge, ip.glasses)
     shade = tuple(0.8 * c for c in ip.skin)
     p.paint(p.ellipse(lm[2, 0], lm[2, 1] - 7.0, 2.5, 7.0), shade)

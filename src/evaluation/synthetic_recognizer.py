@@ -167,14 +167,14 @@ class SyntheticFaceRecognizer:
         from datamodules.synthetic.canonical import FaceCache
         from datamodules.synthetic.scene import render_sample
 
-        cache, pos, neg, renders = FaceCache(), [], [], []
+        cache, pos, neg, rendered = FaceCache(), [], [], []
         for i in range(n):
             rng = np.random.default_rng([seed, 4242, i])
             k = 1 + i % 2 if len(ids) > 1 else 1
             who = [int(v) for v in rng.choice(ids, size=k, replace=False)]
             s = render_sample(rng, who, self.image_size, FACE_RECOG_SIZE, f"calib_{i}", cache)
             emb, win = self.window_embeddings(s.image)
-            renders.append((emb, len(who)))
+            rendered.append((emb, len(who)))  # its window embeddings and face count
             iou = box_iou(win, np.stack([face_square(f.box) for f in s.faces]))  # (W, K)
             pos.append(emb[torch.from_numpy(iou.max(1) >= 0.5)])
             neg.append(emb[torch.from_numpy(iou.max(1) < 0.1)])
@@ -188,10 +188,10 @@ class SyntheticFaceRecognizer:
                  "face_window_recall": float((sp >= threshold).float().mean()),
                  "background_rejection": float((sq < threshold).float().mean())}
         self.direction, self.bias, self.threshold = weight, bias, threshold
-        # the renders' window embeddings, computed above, are what `embed_faces` would compute again
+        # from the window embeddings computed above (what `embed_faces` would compute again)
         stats["face_count_accuracy_on_calibration_renders"] = float(np.mean(
             [len(self._faces_of(emb, self.windows, self.image_size, self.image_size)[0]) == k
-             for emb, k in renders]))
+             for emb, k in rendered]))
         return weight, threshold, stats
 
     def embed_faces(self, image: np.ndarray) -> tuple[Tensor, Tensor]:
