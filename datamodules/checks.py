@@ -32,11 +32,14 @@ def check_arrays(sample: Sample, where: str) -> None:
         raise SampleError(f"{where}: field 'clip.npz' crops are {sample.clip.shape}; expected (N, S, S, 3)")
 
 
-def latent_problem(sample: Sample, resolution: int) -> str | None:
-    """Why a sample's cached latent cannot be used at `resolution` (None when it can)."""
+def latent_problem(sample: Sample, frame: tuple[int, int]) -> str | None:
+    """Why a sample's cached latent cannot be used for the training frame (h, w) the loader gives it: (R, R),
+    or its bucket (None when it can)."""
     cached = sample.extra.get("latent")
     if cached is None:
         return f"no cached latent (field '{LATENT_KEY}'; write it with python -m datamodules.latent_cache)"
-    if cached.resolution != resolution:
-        return f"cached latent is for resolution {cached.resolution}, data.resolution is {resolution}"
+    if tuple(cached.frame) != tuple(frame):
+        (ch, cw), (h, w) = cached.frame, frame
+        return (f"cached latent is of a {ch}x{cw} frame, data.resolution / data.buckets give this image {h}x{w} "
+                "(re-run python -m datamodules.latent_cache with the training resolution or buckets)")
     return None

@@ -56,11 +56,13 @@ class FaceShardDataModule(pl.LightningDataModule):
         prefetch_factor: batches each worker loads ahead (None: PyTorch's default, 2; needs workers).
         cached_latents: read the VAE latents cached in the shards (`python -m datamodules.latent_cache`) instead
             of letting the module encode images; crops are the cached ones, so `random_crop` must be False.
-            Samples without a latent for `resolution` are skipped, counted and logged.
+            Samples without a latent of their frame ((resolution, resolution) or their bucket) are skipped,
+            counted and logged.
         buckets: aspect-ratio buckets (`datamodules.buckets`): a preset name (``"sdxl_1024"``) or a list of
             [h, w]; each sample is cropped (faces kept, as the square crop) to the bucket closest to its aspect
             ratio and every batch holds one bucket (images (B, 3, h, w)); `resolution` is then unused. None
-            (default): square crops at `resolution`. Not combinable with `cached_latents` (square caches).
+            (default): square crops at `resolution`. With `cached_latents`, cache with the same buckets
+            (``python -m datamodules.latent_cache --buckets ...``).
     """
 
     def __init__(
@@ -93,9 +95,6 @@ class FaceShardDataModule(pl.LightningDataModule):
         if cached_latents and random_crop:
             raise ValueError("data.cached_latents=true needs data.random_crop=false: the cached latents are of one "
                              "fixed crop per image (see datamodules/latent_cache.py)")
-        if cached_latents and buckets is not None:
-            raise ValueError("data.cached_latents=true cannot be combined with data.buckets: the cached latents are "
-                             "of one square crop per image (see datamodules/latent_cache.py)")
         self.buckets = resolve_buckets(buckets)  # raises naming a bad preset or bucket
         if prefetch_factor is not None and (prefetch_factor < 1 or num_workers == 0):
             raise ValueError(f"prefetch_factor={prefetch_factor} needs num_workers > 0 (got {num_workers}) "

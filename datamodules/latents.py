@@ -6,44 +6,51 @@ deterministic (posterior mode), so each image is encoded once here instead of ev
     python -m datamodules.latent_cache --shards 'data/single/{000000..000499}.tar' \\
         --vae weights/realistic-vision-v5.1 --resolution 512 --out data/single_latents
 
-writes, for every input shard, a shard of the same name under --out holding each sample unchanged plus
-``latent.npz``:
+or, for SDXL's aspect-ratio buckets (`datamodules.buckets`), ``--buckets sdxl_1024`` (or a list such as
+``1024x1024,896x1152``) in place of ``--resolution``. It writes, for every input shard, a shard of the same
+name under --out holding each sample unchanged, in the same order, plus ``latent.npz``:
 
 | array            | content                                                                    |
 |------------------|----------------------------------------------------------------------------|
-| ``latent``       | float16 (C, R/f, R/f): scaled VAE latent (mode * scaling_factor) of the crop |
-| ``box``          | int64 (3,): the crop (x0, y0, side) in pixels of ``jpg``                    |
-| ``resolution``   | int64: R, the side the crop was resized to before encoding                  |
+| ``latent``       | float16 (C, h/f, w/f): scaled VAE latent (mode * scaling_factor) of the crop |
+| ``box``          | int64 (4,): the crop window (x0, y0, width, height) in pixels of ``jpg``    |
+| ``frame``        | int64 (2,): (h, w) the window was resized to before encoding: (R, R) or the bucket |
 | ``scaling_factor``| float64: the VAE's scaling factor                                          |
 | ``original_size``| int64 (2,): (H, W) of ``jpg`` (SDXL's size conditioning, datamodules/collate.py) |
-| ``crop_top_left``| int64 (2,): (top, left) of the crop scaled to the R x R frame              |
+| ``crop_top_left``| int64 (2,): (top, left) of the crop scaled to the frame                    |
 
-The crop is the deterministic evaluation square over *all* faces (`transforms.centre_square`), stored so
-the loader crops image and masks with the same box in both stages (stage 1 keeps one face, which would
-otherwise move the square). Training with ``data.cached_latents=true`` therefore uses this fixed crop
-(``data.random_crop`` must be false) and reads the latent instead of running the VAE. Samples that
-cannot be decoded are copied through without a latent and counted; the loader then skips them.
+The frame is (R, R), or with buckets the bucket nearest the image's aspect ratio (`nearest_bucket`, as the
+loader picks it). The crop is the deterministic evaluation window of that frame over *all* faces
+(`transforms.centre_window`), stored so the loader crops image and masks with the same window in both stages
+(stage 1 keeps one face, which would otherwise move the window). Training with ``data.cached_latents=true``
+therefore uses this fixed crop (``data.random_crop`` must be false) and reads the latent instead of running
+the VAE; the loader skips, counts and logs a sample whose latent is of another frame than the one
+``data.resolution`` / ``data.buckets`` gives it. Samples that cannot be decoded are copied through without a
+latent and counted; the loader then skips them.
 
-Caches written before 2026-12-07 lack ``original_size`` / ``crop_top_left``. Both follow exactly from the
-stored ``box``, ``resolution`` and the image in the shard, so the loader derives them (`size_conditioning`),
-logs the first such sample per worker naming its shard, and counts them in a log line at the end of the pass;
-re-running the cache adds the fields. Stored fields that disagree with the box and image (an image replaced
-after caching) make the sample a counted skip naming the shard.
+Older caches were square only: ``box`` (x0, y0, side) and ``resolution`` R, read as the window
+(x0, y0, side, side) and the frame (R, R) (`datamodules.schema.decode_latent`). Caches written before
+2026-12-07 also lack ``original_size`` / ``crop_top_left``. Both follow exactly from the stored box, frame and
+the image in the shard, so the loader derives them (`size_conditioning`), logs the first such sample per
+worker naming its shard, and counts them in a log line at the end of the pass; re-running the cache adds the
+fields. Stored fields that disagree with the box and image (an image replaced after caching) make the sample
+a counted skip naming the shard.
 
 The command is `uniportrait-latent-cache` (src/cli/latent_cache.py); this module is its library.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 
+from datamodules.buckets import Bucket, nearest_bucket
 from datamodules.schema import LATENT_KEY, CachedLatent, Sample, SampleError, decode_sample, encode_latent
-from datamodules.transforms import centre_square, crop_and_resize
+from datamodules.transforms import Window, centre_window, crop_window
 from src.conventions import uint8_to_unit, vae_latents
 
 log = logging.getLogger(__name__)
@@ -56,28 +63,49 @@ def _raw_samples(url: str) -> Iterator[dict]:
 
 @torch.no_grad()
 def _encode(vae: torch.nn.Module, images: list[np.ndarray], device: torch.device) -> np.ndarray:
-    x = uint8_to_unit(np.stack(images)).to(device)  # (b, 3, R, R) in [-1, 1]
-    return vae_latents(vae, x).float().cpu().numpy()  # (b, C, R/f, R/f)
+    x = uint8_to_unit(np.stack(images)).to(device)  # (b, 3, h, w) in [-1, 1]
+    return vae_latents(vae, x).float().cpu().numpy()  # (b, C, h/f, w/f)
 
 
-def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int, batch_size: int = 16,
-                device: str | torch.device = "cpu") -> dict[str, int]:
-    """Copy one shard to `out`, adding `latent.npz` to every decodable sample; returns counts."""
+def cache_frame(sample: Sample, resolution: int | None, buckets: Sequence[Bucket] | None) -> Bucket:
+    """The frame (h, w) a sample's latent is cached at: the bucket nearest its aspect ratio, else (R, R)."""
+    if buckets:
+        return nearest_bucket(*sample.image.shape[:2], buckets)
+    if resolution is None:
+        raise ValueError("cache_shard: give a resolution or buckets")
+    return resolution, resolution
+
+
+def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int | None, batch_size: int = 16,
+                device: str | torch.device = "cpu", buckets: Sequence[Bucket] | None = None) -> dict[str, int]:
+    """Copy one shard to `out`, adding `latent.npz` to every decodable sample; returns counts.
+
+    Each sample is cropped with the deterministic window of its frame (`cache_frame`) and encoded in batches
+    of one frame; samples are written in the input order (a sample waits for its frame's batch)."""
     device = torch.device(device)
+    scaling = float(vae.config.scaling_factor)
     counts = {"cached": 0, "copied_without_latent": 0}
-    pending: list[tuple[dict, tuple[int, int, int], Sample]] = []  # (raw, box, cropped sample)
+    slots: list[list] = []  # [raw, latent.npz bytes | None (undecodable) | False (batch waits)], input order
+    pending: dict[Bucket, list[tuple[list, Window, Sample]]] = {}  # frame -> (slot, window, cropped sample)
     tmp = out.with_name(out.name + ".tmp")
     with wds.TarWriter(str(tmp)) as sink:
-        def flush() -> None:
-            if not pending:
+        def encode(frame: Bucket) -> None:
+            group = pending.pop(frame, [])
+            if not group:
                 return
-            latents = _encode(vae, [p[2].image for p in pending], device)
-            for (raw, box, cropped), z in zip(pending, latents):
-                cached = CachedLatent(z, box, resolution, float(vae.config.scaling_factor),
-                                      cropped.extra["original_size"], cropped.extra["crop_top_left"])
-                sink.write({**raw, LATENT_KEY: encode_latent(cached)})
-            counts["cached"] += len(pending)
-            pending.clear()
+            latents = _encode(vae, [g[2].image for g in group], device)
+            for (slot, window, cropped), z in zip(group, latents):
+                slot[1] = encode_latent(CachedLatent(z, window, frame, scaling, cropped.extra["original_size"],
+                                                     cropped.extra["crop_top_left"]))
+            counts["cached"] += len(group)
+
+        def write_ready() -> None:
+            done = 0
+            while done < len(slots) and slots[done][1] is not False:
+                raw, latent = slots[done]
+                sink.write(raw if latent is None else {**raw, LATENT_KEY: latent})
+                done += 1
+            del slots[:done]
 
         for raw in _raw_samples(url):
             raw = {k: v for k, v in raw.items() if k not in ("__url__", "__local_path__", LATENT_KEY)}
@@ -85,14 +113,21 @@ def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int, batc
                 sample = decode_sample({**raw, "__url__": url})
             except SampleError as e:
                 log.warning("%s (copied without a latent; the loader will skip it)", e)
-                sink.write(raw)
+                slots.append([raw, None])
                 counts["copied_without_latent"] += 1
+                write_ready()
                 continue
-            box = centre_square(sample)
-            pending.append((raw, box, crop_and_resize(sample, *box, resolution)))  # image uint8 (R, R, 3)
-            if len(pending) >= batch_size:
-                flush()
-        flush()
+            frame = cache_frame(sample, resolution, buckets)
+            window = centre_window(sample, frame)
+            slot = [raw, False]  # False: latent not encoded yet
+            slots.append(slot)
+            pending.setdefault(frame, []).append((slot, window, crop_window(sample, *window, frame)))
+            if len(pending[frame]) >= batch_size:
+                encode(frame)
+                write_ready()
+        for frame in list(pending):
+            encode(frame)
+        write_ready()
     tmp.replace(out)  # a killed run never leaves a half-written shard under the final name
     return counts
 
@@ -100,7 +135,7 @@ def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int, batc
 def size_conditioning(cached: CachedLatent, original_size: tuple[int, int], crop_top_left: tuple[int, int],
                       where: str) -> bool:
     """Check a cached latent's stored ``original_size`` / ``crop_top_left`` against the ones derived from the
-    image and the latent's box (`transforms.crop_and_resize`). Returns False when the cache predates the
+    image and the latent's window (`transforms.crop_window`). Returns False when the cache predates the
     fields (the derived values are then the ones to use); raises SampleError naming `where` when they differ."""
     if cached.original_size is None or cached.crop_top_left is None:
         return False

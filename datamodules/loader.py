@@ -50,7 +50,7 @@ from datamodules.checks import check_arrays, latent_problem
 from datamodules.collate import collate_faces
 from datamodules.latents import size_conditioning
 from datamodules.schema import Sample, SampleError, decode_sample
-from datamodules.transforms import crop_and_resize, eval_face_crop, random_face_crop
+from datamodules.transforms import crop_window, eval_face_crop, random_face_crop
 from src.paths import is_local
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class StreamConfig:
     batch_size: int = 1
     cache_per_identity: int = 4
     cache_identities: int = 1024
-    cached_latents: bool = False  # read `latent.npz` (datamodules.latent_cache) and crop with its box
+    cached_latents: bool = False  # read `latent.npz` (datamodules.latent_cache) and crop with its window
     buckets: tuple[Bucket, ...] | None = None  # (h, w) frames (datamodules.buckets); None: R x R squares
 
 
@@ -191,17 +191,23 @@ def select_faces(sample: Sample, keep: int) -> tuple[Sample, int]:
     return sub, n - keep
 
 
+def frame_of(sample: Sample, cfg: StreamConfig) -> Bucket:
+    """The training frame (h, w) of a sample: (resolution, resolution), or with buckets the bucket closest to
+    the image's aspect ratio."""
+    return nearest_bucket(*sample.image.shape[:2], cfg.buckets) if cfg.buckets else (cfg.resolution, cfg.resolution)
+
+
 def sample_to_item(sample: Sample, cfg: StreamConfig, rng: np.random.Generator, training: bool) -> dict[str, Any]:
     """Crop/resize a selected Sample into the per-sample item that `collate_faces` batches.
 
     The frame is (resolution, resolution), or with buckets the bucket closest to the image's aspect ratio.
-    With cached latents the crop is the cached latent's box (the one it was encoded from), so image, masks
-    and latent agree; the item then carries `latents` (C, R/f, R/f) and `latent_scaling`.
+    With cached latents the crop is the cached latent's window (the one it was encoded from), so image, masks
+    and latent agree; the item then carries `latents` (C, h/f, w/f) and `latent_scaling`.
     """
     cached = sample.extra.get("latent") if cfg.cached_latents else None
-    size: int | Bucket = nearest_bucket(*sample.image.shape[:2], cfg.buckets) if cfg.buckets else cfg.resolution
+    size = frame_of(sample, cfg)
     if cached is not None:
-        sample = crop_and_resize(sample, *cached.box, cfg.resolution)
+        sample = crop_window(sample, *cached.box, cached.frame)
     elif training and cfg.random_crop:
         sample = random_face_crop(sample, size, rng, cfg.min_crop_scale)
     else:
@@ -219,7 +225,7 @@ def sample_to_item(sample: Sample, cfg: StreamConfig, rng: np.random.Generator, 
         "crop_top_left": sample.extra["crop_top_left"],  # (top, left) of the crop, scaled to the frame
     }
     if cached is not None:
-        item["latents"] = cached.latent  # float16 (C, R/f, R/f)
+        item["latents"] = cached.latent  # float16 (C, h/f, w/f)
         item["latent_scaling"] = cached.scaling_factor
     return item
 
@@ -378,7 +384,7 @@ class FaceShardDataset(IterableDataset):
                 counter.skip(f"{r.get('__url__', '?')}:{sample.key}: no face")
                 continue
             if cfg.cached_latents:
-                reason = latent_problem(sample, cfg.resolution)
+                reason = latent_problem(sample, frame_of(sample, cfg))
                 if reason:
                     counter.skip(f"{r.get('__url__', '?')}:{sample.key}: {reason}")
                     continue

@@ -15,11 +15,14 @@ One sample = files sharing a ``__key__`` inside a tar shard:
 | ``recog.npz`` | ``crops``: uint8 (N, 112, 112, 3), each face aligned to ARCFACE_TEMPLATE_112     |
 | ``clip.npz``  | ``crops``: uint8 (N, S, S, 3), the matching larger aligned crop for CLIP         |
 
-| ``latent.npz``| optional (``datamodules.latent_cache``): ``latent`` float16 (C, R/f, R/f), the  |
-|               | scaled VAE latent of the crop ``box`` (x0, y0, side) resized to ``resolution``;  |
-|               | ``scaling_factor`` of the VAE; ``original_size`` (H, W) and ``crop_top_left``   |
-|               | (top, left), SDXL's size conditioning of that crop (absent in caches written    |
-|               | before 2026-12-07); decoded into ``Sample.extra["latent"]``                      |
+| ``latent.npz``| optional (``datamodules.latent_cache``): ``latent`` float16 (C, h/f, w/f), the |
+|               | scaled VAE latent of the crop window ``box`` (x0, y0, width, height) resized to  |
+|               | ``frame`` (h, w): (R, R), or a bucket; ``scaling_factor`` of the VAE;           |
+|               | ``original_size`` (H, W) and ``crop_top_left`` (top, left), SDXL's size         |
+|               | conditioning of that crop; decoded into ``Sample.extra["latent"]``. Older       |
+|               | (square-only) caches hold ``box`` (x0, y0, side) and ``resolution`` R instead,  |
+|               | read as the window (x0, y0, side, side) and the frame (R, R); the oldest lack   |
+|               | the size conditioning                                                          |
 
 Readers ignore unknown extensions.
 Every face in ``faces.json`` has one mask and one crop of each kind, in the same order.
@@ -80,9 +83,9 @@ LATENT_KEY = "latent.npz"
 
 @dataclass(frozen=True)
 class CachedLatent:
-    latent: np.ndarray  # float16 (C, h, w), already multiplied by the VAE's scaling factor
-    box: tuple[int, int, int]  # (x0, y0, side) in pixels of the full image
-    resolution: int  # the crop was resized to (resolution, resolution) before encoding
+    latent: np.ndarray  # float16 (C, h/f, w/f), already multiplied by the VAE's scaling factor
+    box: tuple[int, int, int, int]  # the crop window (x0, y0, width, height) in pixels of the full image
+    frame: tuple[int, int]  # (h, w) the window was resized to before encoding: (R, R) or a bucket
     scaling_factor: float
     original_size: tuple[int, int] | None = None  # (H, W) of the full image; None: a cache without it
     crop_top_left: tuple[int, int] | None = None  # (top, left) of the crop scaled to the frame (datamodules.collate)
@@ -92,7 +95,7 @@ def encode_latent(c: CachedLatent) -> bytes:
     sizes = {} if c.original_size is None or c.crop_top_left is None else {
         "original_size": np.asarray(c.original_size, np.int64), "crop_top_left": np.asarray(c.crop_top_left, np.int64)}
     return _npz_bytes(latent=c.latent.astype(np.float16), box=np.asarray(c.box, np.int64),
-                      resolution=np.int64(c.resolution), scaling_factor=np.float64(c.scaling_factor), **sizes)
+                      frame=np.asarray(c.frame, np.int64), scaling_factor=np.float64(c.scaling_factor), **sizes)
 
 
 def _pair(f: Any, name: str, where: str) -> tuple[int, int] | None:
@@ -105,20 +108,34 @@ def _pair(f: Any, name: str, where: str) -> tuple[int, int] | None:
     return int(v[0]), int(v[1])
 
 
+def _window_and_frame(f: Any, where: str) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """A latent.npz's crop window (x0, y0, width, height) and frame (h, w); an older (square-only) cache
+    holds a square box (x0, y0, side) and its resolution R instead."""
+    box = f["box"]
+    if box.shape == (3,) and "resolution" in f.files:  # the square cache
+        r = int(f["resolution"])
+        return (int(box[0]), int(box[1]), int(box[2]), int(box[2])), (r, r)
+    frame = _pair(f, "frame", where)
+    if box.shape != (4,) or frame is None:
+        raise SampleError(f"{where}: field '{LATENT_KEY}' has a box of shape {box.shape} and "
+                          f"{'a' if frame else 'no'} frame; expected a box (4,) and a frame (2,)")
+    return (int(box[0]), int(box[1]), int(box[2]), int(box[3])), frame
+
+
 def decode_latent(data: bytes, where: str) -> CachedLatent:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
-            latent, box = f["latent"], f["box"]
-            resolution, scale = int(f["resolution"]), float(f["scaling_factor"])
+            latent, scale = f["latent"], float(f["scaling_factor"])
+            box, frame = _window_and_frame(f, where)
             sizes = _pair(f, "original_size", where), _pair(f, "crop_top_left", where)
     except SampleError:
         raise
     except Exception as e:
         raise SampleError(f"{where}: field '{LATENT_KEY}' is unreadable ({e})") from e
-    if latent.ndim != 3 or box.shape != (3,) or not np.isfinite(latent).all():
-        raise SampleError(f"{where}: field '{LATENT_KEY}' holds a latent of shape {latent.shape} and box "
-                          f"{box.shape}; expected (C, h, w), finite, and (3,)")
-    return CachedLatent(latent, (int(box[0]), int(box[1]), int(box[2])), resolution, scale, *sizes)
+    if latent.ndim != 3 or not np.isfinite(latent).all():
+        raise SampleError(f"{where}: field '{LATENT_KEY}' holds a latent of shape {latent.shape}; expected "
+                          "(C, h, w), finite")
+    return CachedLatent(latent, box, frame, scale, *sizes)
 
 
 def encode_sample(s: Sample, jpeg_quality: int = 95) -> dict[str, Any]:

@@ -176,11 +176,6 @@ def crop_window(sample: Sample, x0: int, y0: int, cw: int, ch: int, size: int | 
     return replace(sample, image=np.asarray(img), faces=faces, masks=masks, extra=extra)
 
 
-def crop_and_resize(sample: Sample, x0: int, y0: int, side: int, resolution: int) -> Sample:
-    """Crop the square [x0, x0+side) x [y0, y0+side) (zero-padded outside) and resize it to `resolution`."""
-    return crop_window(sample, x0, y0, side, side, resolution)
-
-
 def random_face_crop(sample: Sample, size: int | tuple[int, int], rng: np.random.Generator,
                      min_scale: float = 0.6) -> Sample:
     """Training transform: random window of the frame's aspect containing all faces, resized to the frame

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 import datamodules.latents as latents
+from datamodules.buckets import BUCKET_PRESETS, Bucket, resolve_buckets
 from datamodules.latents import cache_shard, load_vae
 from datamodules.loader import resolve_shards
 from src.cli import exit_status
@@ -22,18 +23,38 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=latents.__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True, help="input shard pattern (brace expansion, directory, ...)")
     p.add_argument("--vae", required=True, help="diffusers base-model directory (or its vae/ folder)")
-    p.add_argument("--resolution", type=int, required=True, help="training resolution R (data.resolution)")
+    frame = p.add_mutually_exclusive_group(required=True)
+    frame.add_argument("--resolution", type=int, help="training resolution R (data.resolution): R x R crops")
+    frame.add_argument("--buckets", help="aspect-ratio buckets (data.buckets): a preset (sdxl_1024) or a list "
+                                         "HxW,HxW,... (e.g. 1024x1024,896x1152); each image at its nearest bucket")
     p.add_argument("--out", required=True, help="output directory (shards keep their file names)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
+def parse_buckets(spec: str) -> tuple[Bucket, ...]:
+    """--buckets: a preset name, or HxW,HxW,... -> the buckets (SystemExit naming the bad value)."""
+    try:
+        if spec in BUCKET_PRESETS:
+            return resolve_buckets(spec)
+        frames = [part.lower().split("x") for part in spec.split(",")]
+        if not all(len(f) == 2 and f[0].strip().isdigit() and f[1].strip().isdigit() for f in frames):
+            raise ValueError(f"{spec!r} is neither a preset ({sorted(BUCKET_PRESETS)}) nor a list "
+                             "HxW,HxW,...")
+        buckets = resolve_buckets([[int(h), int(w)] for h, w in frames])
+    except ValueError as e:
+        raise SystemExit(f"--buckets: {e}") from e
+    assert buckets is not None
+    return buckets
+
+
 def main(argv: list[str] | None = None) -> dict[str, int]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     a = build_parser().parse_args(argv)
-    if a.resolution < 8 or a.batch_size < 1:
+    if (a.resolution is not None and a.resolution < 8) or a.batch_size < 1:
         raise SystemExit(f"--resolution must be >= 8 and --batch-size >= 1 (got {a.resolution}, {a.batch_size})")
+    buckets = parse_buckets(a.buckets) if a.buckets is not None else None
     urls = resolve_shards(a.shards)
     remote = [u for u in urls if not is_local(u)]
     if remote:
@@ -43,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     vae = load_vae(a.vae).to(a.device)
     total = {"cached": 0, "copied_without_latent": 0}
     for url in tqdm(urls, desc="caching latents", unit="shard", disable=not sys.stderr.isatty()):
-        counts = cache_shard(url, out_dir / Path(url).name, vae, a.resolution, a.batch_size, a.device)
+        counts = cache_shard(url, out_dir / Path(url).name, vae, a.resolution, a.batch_size, a.device, buckets)
         for k, v in counts.items():
             total[k] += v
     print(f"[latent cache] {len(urls)} shard(s) -> {out_dir}: {total['cached']} latents, "

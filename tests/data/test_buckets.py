@@ -68,8 +68,6 @@ def test_nearest_bucket_and_presets() -> None:
         resolve_buckets("sdxl_2048")
     with pytest.raises(ValueError, match=r"\[32, 0\] is not a bucket"):
         resolve_buckets([[32, 32], [32, 0]])
-    with pytest.raises(ValueError, match="cannot be combined with data.buckets"):
-        FaceShardDataModule("x.tar", cached_latents=True, random_crop=False, buckets="sdxl_1024")
 
 
 def test_batch_by_bucket_fills_per_bucket_and_flushes_the_rest() -> None:

@@ -1,6 +1,7 @@
 """Cached VAE latents (datamodules.latents): written once, read by the DataModule instead of encoding."""
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 from dataclasses import replace
@@ -20,12 +21,15 @@ from src.module import UniPortraitModule
 from src.tiny import tiny_components
 
 
-def widened_shard(src: Path, dst: Path, width: int = 112) -> Path:
-    """The shard's samples on a wider canvas (zero columns on the right; boxes stay valid): the eval
-    crop is then a 64-px window whose place depends on which faces it must contain."""
+def widened_shard(src: Path, dst: Path, width: int = 112, widen=lambda i: True) -> Path:
+    """The shard's samples (those i with `widen(i)`) on a wider canvas (zero columns on the right; boxes stay
+    valid): the eval crop is then a 64-px window whose place depends on which faces it must contain."""
     with wds.TarWriter(str(dst)) as sink:
-        for raw in wds.tarfile_to_samples()([{"url": str(src)}]):
+        for i, raw in enumerate(wds.tarfile_to_samples()([{"url": str(src)}])):
             s = decode_sample(raw)
+            if not widen(i):
+                sink.write(encode_sample(s))
+                continue
             h, w = s.image.shape[:2]
             image = np.zeros((h, width, 3), np.uint8)
             image[:, :w] = s.image
@@ -116,7 +120,8 @@ def test_samples_without_a_usable_latent_are_skipped_counted_and_logged(cached, 
     dm.setup("fit")
     with caplog.at_level(logging.WARNING):
         assert list(dm.train_dataloader()) == []
-    assert any("cached latent is for resolution 64, data.resolution is 48" in r.getMessage() for r in caplog.records)
+    assert any("cached latent is of a 64x64 frame, data.resolution / data.buckets give this image 48x48"
+               in r.getMessage() for r in caplog.records)
 
 
 def test_cached_latents_need_the_fixed_crop_and_a_real_vae(tiny_world, tmp_path):
@@ -137,7 +142,7 @@ def _rewrite_latents(src: Path, dst: Path, change) -> Path:
 
 
 def test_cached_latents_store_size_conditioning_and_older_caches_derive_it(cached, tmp_path, caplog):
-    """latent.npz holds original_size = the jpg's (H, W) and crop_top_left = the box (x0, y0, side) scaled to
+    """latent.npz holds original_size = the jpg's (H, W) and crop_top_left = the box (x0, y0, side, side) scaled to
     the 64-px frame; batches carry them. A cache without them (written before the fields existed) gives the
     same values, derived from the box, with a warning naming the shard; a cache whose stored values disagree
     with its image is skipped and counted."""
@@ -145,7 +150,8 @@ def test_cached_latents_store_size_conditioning_and_older_caches_derive_it(cache
     for raw in wds.tarfile_to_samples()([{"url": str(cached["out"])}]):
         s = decode_sample(raw)
         c = s.extra["latent"]
-        x0, y0, side = c.box
+        x0, y0, side, height = c.box
+        assert height == side and c.frame == (64, 64)
         assert c.original_size == s.image.shape[:2] == (64, 112)  # the widened canvas
         assert c.crop_top_left == (round(y0 * 64 / side), round(x0 * 64 / side))
         stored[s.key] = (c.original_size, c.crop_top_left)
@@ -173,3 +179,74 @@ def test_cached_latents_store_size_conditioning_and_older_caches_derive_it(cache
         assert loader_batches(str(moved), True, cached_latents=True) == []
     assert any("moved-000000.tar" in r.getMessage() and "the image changed after caching" in r.getMessage()
                for r in caplog.records)
+
+
+# the 64 x 112 canvas (log(112 / 64) = 0.56) is nearest the 48 x 80 bucket (0.51), the 64 x 64 one 64 x 64
+BUCKETS = [[64, 64], [48, 80]]
+
+
+def _raw(url: Path) -> list[dict]:
+    return list(wds.tarfile_to_samples()([{"url": str(url)}]))
+
+
+def test_bucketed_cache_keeps_the_order_and_holds_each_images_latent_at_its_bucket(tiny_world, cached, tmp_path,
+                                                                                    caplog):
+    """`--buckets`: each image is cached at its nearest bucket, encoded in batches of one bucket, and written in
+    the input order; the bucketed loader reads image, masks and latent of the same window in both stages, and
+    the module takes them. A square cache read with buckets is skipped naming both frames; an older square
+    cache (box (x0, y0, side), resolution) reads as the window and frame it stands for."""
+    src = widened_shard(tiny_world / "data" / "heldout" / "multi_seen-000000.tar", tmp_path / "mixed-000000.tar",
+                        widen=lambda i: i % 3 == 0)  # W S S W S S ...: batches of 2 complete out of order
+    counts = main(["--shards", str(src), "--vae", str(tiny_world / "base"), "--buckets", "64x64,48x80",
+                   "--out", str(tmp_path / "cached"), "--batch-size", "2"])
+    out = tmp_path / "cached" / src.name
+    samples = [decode_sample(raw) for raw in _raw(out)]
+    assert counts == {"cached": len(samples), "copied_without_latent": 0}
+    assert [s.key for s in samples] == [raw["__key__"] for raw in _raw(src)]
+    assert [s.extra["latent"].frame for s in samples] == [
+        (48, 80) if s.image.shape[1] == 112 else (64, 64) for s in samples]
+
+    vae = load_vae(tiny_world / "base")
+    for multi in (False, True):
+        got = loader_batches(str(out), multi, cached_latents=True, buckets=BUCKETS)
+        plain = loader_batches(str(src), multi, buckets=BUCKETS)
+        assert {tuple(b["image"].shape[-2:]) for b in got} == {(64, 64), (48, 80)}
+        assert sorted(k for b in got for k in b["key"]) == sorted(s.key for s in samples)
+        for b in got:
+            h, w = b["image"].shape[-2:]
+            assert b["latents"].shape == (len(b["key"]), 4, h // 4, w // 4)
+            with torch.no_grad():
+                z = vae.encode(b["image"]).latent_dist.mode() * vae.config.scaling_factor
+            torch.testing.assert_close(b["latents"], z, rtol=2e-3, atol=2e-3)  # float16 storage
+        if multi:  # all faces kept: the cached window is the uncached eval crop of the bucket
+            assert [b["key"] for b in got] == [b["key"] for b in plain]
+            assert all(torch.equal(a["image"], p["image"]) and torch.equal(a["face_masks"], p["face_masks"])
+                       for a, p in zip(got, plain))
+
+    torch.manual_seed(0)
+    m = UniPortraitModule(components=tiny_components(tiny_world), stage=2, lora_rank=4,
+                          qformer=QFormerSpec(depth=1, width=32, heads=2, dim_head=16))
+    wide = next(b for b in got if b["image"].shape[-1] == 80)
+    torch.testing.assert_close(m.batch_latents(wide), m.encode_images(wide["image"]), rtol=2e-3, atol=2e-3)
+
+    with caplog.at_level(logging.WARNING):  # the square cache of the widened shard: every image is 48 x 80 here
+        assert loader_batches(str(cached["out"]), True, cached_latents=True, buckets=BUCKETS) == []
+    assert any("cached latent is of a 64x64 frame, data.resolution / data.buckets give this image 48x80"
+               in r.getMessage() for r in caplog.records)
+
+    def square_format(c) -> bytes:  # the latent.npz layout of the square-only caches
+        buf = io.BytesIO()
+        np.savez(buf, latent=c.latent, box=np.asarray(c.box[:3], np.int64), resolution=np.int64(c.frame[0]),
+                 scaling_factor=np.float64(c.scaling_factor), original_size=np.asarray(c.original_size, np.int64),
+                 crop_top_left=np.asarray(c.crop_top_left, np.int64))
+        return buf.getvalue()
+
+    older = tmp_path / "older-000000.tar"
+    with wds.TarWriter(str(older)) as sink:
+        for raw in _raw(cached["out"]):
+            sink.write({k: v for k, v in raw.items() if not k.startswith("__url")} |
+                       {LATENT_KEY: square_format(decode_sample(raw).extra["latent"])})
+    new, old = (loader_batches(str(p), True, cached_latents=True) for p in (cached["out"], older))
+    assert [b["key"] for b in old] == [b["key"] for b in new]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(old, new) for k in ("image", "face_masks", "latents",
+                                                                            "crop_top_left"))
