@@ -63,10 +63,7 @@ class Arch:
     lora_rank: int
     text_2: dict[str, Any] | None = None  # SDXL's second text encoder (CLIPTextModelWithProjection); None on SD1.5
     resolution: int = 512  # the native training / inference size
-
-    @property
-    def sdxl(self) -> bool:
-        return self.text_2 is not None or self.name == "tiny-sdxl"
+    sdxl: bool = False  # an SDXL UNet (two text encoders, micro-conditioning) rather than an SD1.5 one
 
     @property
     def label(self) -> str:
@@ -113,6 +110,7 @@ SDXL = Arch(
     qformer={},
     lora_rank=128,
     resolution=1024,
+    sdxl=True,
 )
 
 
@@ -120,7 +118,7 @@ def tiny_arch(sdxl: bool = False) -> Arch:
     """The tiny preset (`tiny`), or the tiny SDXL world's networks (`tiny-sdxl`)."""
     from src.tiny import architectures
 
-    return Arch(name="tiny-sdxl" if sdxl else "tiny", unet={}, vae={}, text={},
+    return Arch(name="tiny-sdxl" if sdxl else "tiny", unet={}, vae={}, text={}, sdxl=sdxl,
                 clip_vision=dict(architectures.TINY_CLIP_VISION), clip_embed_dim=architectures.TINY_CLIP_EMBED_DIM,
                 face=dict(num_layers=18, widths=architectures.TINY_FACE_WIDTHS,
                           embedding_size=architectures.TINY_FACE_EMBEDDING),
