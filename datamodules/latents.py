@@ -28,6 +28,12 @@ the VAE; the loader skips, counts and logs a sample whose latent is of another f
 ``data.resolution`` / ``data.buckets`` gives it. Samples that cannot be decoded are copied through without a
 latent and counted; the loader then skips them.
 
+Each shard is written under a temporary name and renamed when whole; ``latent_cache.json`` in --out then
+records it, with the settings (frames, the VAE's scaling factor and channels, its path). A re-run resumes: it
+skips the shards listed there and refuses other frames or another VAE scaling factor, naming them (a killed
+run re-encodes only the shard it was in, and writes it byte for byte as an uninterrupted run does). Two input
+shards of one file name, or --out holding an input, are refused before anything is written.
+
 Older caches were square only: ``box`` (x0, y0, side) and ``resolution`` R, read as the window
 (x0, y0, side, side) and the frame (R, R) (`datamodules.schema.decode_latent`). Caches written before
 2026-12-07 also lack ``original_size`` / ``crop_top_left``. Both follow exactly from the stored box, frame and
@@ -40,18 +46,22 @@ The command is `uniportrait-latent-cache` (src/cli/latent_cache.py); this module
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
+from tqdm import tqdm
 
 from datamodules.buckets import Bucket, nearest_bucket
 from datamodules.schema import LATENT_KEY, CachedLatent, Sample, SampleError, decode_sample, encode_latent
 from datamodules.transforms import Window, centre_window, crop_window
 from src.conventions import uint8_to_unit, vae_latents
+from src.paths import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +98,7 @@ def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int | Non
     slots: list[list] = []  # [raw, latent.npz bytes | None (undecodable) | False (batch waits)], input order
     pending: dict[Bucket, list[tuple[list, Window, Sample]]] = {}  # frame -> (slot, window, cropped sample)
     tmp = out.with_name(out.name + ".tmp")
-    with wds.TarWriter(str(tmp)) as sink:
+    with wds.TarWriter(str(tmp), mtime=0.0) as sink:  # fixed member mtime: the same input gives the same bytes
         def encode(frame: Bucket) -> None:
             group = pending.pop(frame, [])
             if not group:
@@ -130,6 +140,72 @@ def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int | Non
         write_ready()
     tmp.replace(out)  # a killed run never leaves a half-written shard under the final name
     return counts
+
+
+MANIFEST = "latent_cache.json"
+CONTENT_SETTINGS = ("frames", "scaling_factor", "latent_channels")  # a change makes other latents: refused
+
+
+def cache_settings(vae: torch.nn.Module, vae_path: str | Path, resolution: int | None,
+                   buckets: Sequence[Bucket] | None) -> dict[str, Any]:
+    """What a cache directory's latents were made with (its manifest's ``settings``)."""
+    frames = [list(b) for b in buckets] if buckets else [[resolution, resolution]]
+    return {"frames": frames, "scaling_factor": float(vae.config.scaling_factor),
+            "latent_channels": int(vae.config.latent_channels), "vae": str(Path(vae_path).resolve())}
+
+
+def _load_manifest(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The directory's manifest, checked against `settings`, or a new one."""
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return {"settings": settings, "shards": {}}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        old = manifest["settings"]
+        manifest["shards"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable latent cache manifest ({e}); remove it to start over") from e
+    changed = [k for k in CONTENT_SETTINGS if old.get(k) != settings[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in changed)
+        raise ValueError(f"{path}: settings differ from the run that made this directory ({diffs}); use a new --out")
+    if old.get("vae") != settings["vae"]:
+        log.warning("%s: made with the VAE at %s, now %s (same scaling factor and channels: kept; use a new --out "
+                    "if the weights differ)", path, old.get("vae"), settings["vae"])
+    return manifest
+
+
+def cache_shards(urls: Sequence[str], out_dir: Path, vae: torch.nn.Module, vae_path: str | Path,
+                 resolution: int | None, buckets: Sequence[Bucket] | None = None, batch_size: int = 16,
+                 device: str | torch.device = "cpu", progress: bool = True) -> dict[str, int]:
+    """`cache_shard` for every input shard into `out_dir` (same file names), resumably: ``latent_cache.json``
+    records the settings and each finished shard, so a re-run skips the shards already written and refuses
+    other settings. Returns the totals over the directory (``cached``, ``copied_without_latent``) and the
+    shards ``written`` now and ``skipped`` as already cached."""
+    names: dict[str, str] = {}
+    for url in urls:
+        name = Path(url).name
+        if name in names:
+            raise ValueError(f"--shards: {names[name]} and {url} share the file name {name!r}; their cached "
+                             "copies would overwrite each other in --out (cache them into separate directories)")
+        if (out_dir / name).resolve() == Path(url).resolve():
+            raise ValueError(f"--out {out_dir} holds the input shard {url}; give another directory")
+        names[name] = url
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _load_manifest(out_dir, cache_settings(vae, vae_path, resolution, buckets))
+    done = {n for n in manifest["shards"] if n in names and (out_dir / n).is_file()}
+    if done:
+        log.info("%s: %d of %d shard(s) already cached (listed in %s): skipped", out_dir, len(done), len(urls),
+                 MANIFEST)
+    for url in tqdm([u for u in urls if Path(u).name not in done], desc="caching latents", unit="shard",
+                    disable=not progress):
+        manifest["shards"][Path(url).name] = cache_shard(url, out_dir / Path(url).name, vae, resolution,
+                                                         batch_size, device, buckets)
+        write_json_atomic(out_dir / MANIFEST, manifest)  # after the shard's rename: a listed shard is whole
+    listed = [manifest["shards"][n] for n in names]
+    return {"cached": sum(c["cached"] for c in listed),
+            "copied_without_latent": sum(c["copied_without_latent"] for c in listed),
+            "written": len(urls) - len(done), "skipped": len(done)}
 
 
 def size_conditioning(cached: CachedLatent, original_size: tuple[int, int], crop_top_left: tuple[int, int],

@@ -1,8 +1,11 @@
-"""Telling a local filesystem path from a URL: shared by the shard loader and the checkpoint I/O."""
+"""Local files: telling a filesystem path from a URL (shared by the shard loader and the checkpoint I/O), and
+writing a JSON manifest atomically (shard preparation, the latent cache)."""
 from __future__ import annotations
 
+import json
 import os
 import re
+from pathlib import Path
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:, http:, s3:, gs: ... (not a local path)
 
@@ -11,3 +14,10 @@ def is_local(url: str | os.PathLike[str]) -> bool:
     """True for a plain filesystem path (no `scheme:` prefix, or `file:`)."""
     url = os.fspath(url)
     return url.startswith("file:") or not _SCHEME.match(url) or os.path.exists(url)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write `obj` as JSON to a temporary file renamed over `path` (never a half-written manifest)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)

@@ -27,10 +27,10 @@ from datamodules.prepare.shards import (
     check_completed,
     load_manifest,
     summarise,
-    write_json_atomic,
 )
 from datamodules.prepare.sources import SourceItem, enumerate_inputs
 from src.faces import FaceDetector
+from src.paths import write_json_atomic
 
 
 @dataclass

@@ -19,13 +19,6 @@ MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write `obj` as JSON to a temporary file renamed over `path` (never a half-written manifest)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def new_manifest(cfg: PrepareConfig) -> dict:
     return {"settings": cfg.content_settings(), "shards": {}, "completed_shards": [], "finished": False}
 

@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import datamodules.latents as latents
 from datamodules.buckets import BUCKET_PRESETS, Bucket, resolve_buckets
-from datamodules.latents import cache_shard, load_vae
+from datamodules.latents import cache_shards, load_vae
 from datamodules.loader import resolve_shards
 from src.cli import exit_status
 from src.paths import is_local
@@ -27,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     frame.add_argument("--resolution", type=int, help="training resolution R (data.resolution): R x R crops")
     frame.add_argument("--buckets", help="aspect-ratio buckets (data.buckets): a preset (sdxl_1024) or a list "
                                          "HxW,HxW,... (e.g. 1024x1024,896x1152); each image at its nearest bucket")
-    p.add_argument("--out", required=True, help="output directory (shards keep their file names)")
+    p.add_argument("--out", required=True, help="output directory (shards keep their file names; its "
+                                                "latent_cache.json lists the finished ones, so a re-run resumes)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -55,20 +55,22 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     if (a.resolution is not None and a.resolution < 8) or a.batch_size < 1:
         raise SystemExit(f"--resolution must be >= 8 and --batch-size >= 1 (got {a.resolution}, {a.batch_size})")
     buckets = parse_buckets(a.buckets) if a.buckets is not None else None
-    urls = resolve_shards(a.shards)
+    try:
+        urls = resolve_shards(a.shards)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --shards: {e}") from e
     remote = [u for u in urls if not is_local(u)]
     if remote:
         raise SystemExit(f"--shards: only local shard files can be cached, got {remote[0]!r}")
-    out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     vae = load_vae(a.vae).to(a.device)
-    total = {"cached": 0, "copied_without_latent": 0}
-    for url in tqdm(urls, desc="caching latents", unit="shard", disable=not sys.stderr.isatty()):
-        counts = cache_shard(url, out_dir / Path(url).name, vae, a.resolution, a.batch_size, a.device, buckets)
-        for k, v in counts.items():
-            total[k] += v
-    print(f"[latent cache] {len(urls)} shard(s) -> {out_dir}: {total['cached']} latents, "
-          f"{total['copied_without_latent']} sample(s) copied without one (undecodable; skipped in training)")
+    try:
+        total = cache_shards(urls, Path(a.out), vae, a.vae, a.resolution, buckets, a.batch_size, a.device,
+                             progress=sys.stderr.isatty())
+    except ValueError as e:  # names the shard, directory or setting at fault
+        raise SystemExit(f"error: {e}") from e
+    print(f"[latent cache] {len(urls)} shard(s) -> {a.out} ({total['written']} written now, {total['skipped']} "
+          f"already cached): {total['cached']} latents, {total['copied_without_latent']} sample(s) copied without "
+          "one (undecodable; skipped in training)")
     return total
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import shutil
 from dataclasses import replace
@@ -12,6 +13,7 @@ import pytest
 import torch
 import webdataset as wds
 
+import datamodules.latents as latents
 from datamodules.datamodule import FaceShardDataModule
 from datamodules.latents import load_vae
 from datamodules.schema import LATENT_KEY, decode_sample, encode_latent, encode_sample
@@ -201,7 +203,7 @@ def test_bucketed_cache_keeps_the_order_and_holds_each_images_latent_at_its_buck
                    "--out", str(tmp_path / "cached"), "--batch-size", "2"])
     out = tmp_path / "cached" / src.name
     samples = [decode_sample(raw) for raw in _raw(out)]
-    assert counts == {"cached": len(samples), "copied_without_latent": 0}
+    assert counts == {"cached": len(samples), "copied_without_latent": 0, "written": 1, "skipped": 0}
     assert [s.key for s in samples] == [raw["__key__"] for raw in _raw(src)]
     assert [s.extra["latent"].frame for s in samples] == [
         (48, 80) if s.image.shape[1] == 112 else (64, 64) for s in samples]
@@ -250,3 +252,57 @@ def test_bucketed_cache_keeps_the_order_and_holds_each_images_latent_at_its_buck
     assert [b["key"] for b in old] == [b["key"] for b in new]
     assert all(torch.equal(a[k], b[k]) for a, b in zip(old, new) for k in ("image", "face_masks", "latents",
                                                                             "crop_top_left"))
+
+
+def test_an_interrupted_cache_resumes_to_the_same_bytes_and_refuses_other_settings(tiny_world, tmp_path,
+                                                                                   monkeypatch):
+    """latent_cache.json lists each finished shard: a re-run after a kill mid-shard skips the finished ones and
+    writes the rest byte for byte as an uninterrupted run does; other frames, or two inputs of one file name,
+    are refused naming them."""
+    heldout = tiny_world / "data" / "heldout"
+    (tmp_path / "in").mkdir()
+    for name in ("multi_seen-000000.tar", "single_seen-000000.tar"):
+        shutil.copy(heldout / name, tmp_path / "in" / name)
+    args = ["--shards", str(tmp_path / "in"), "--vae", str(tiny_world / "base"), "--batch-size", "4"]
+    full = main(args + ["--resolution", "64", "--out", str(tmp_path / "full")])
+    assert full["written"] == 2 and full["skipped"] == 0
+
+    encode, cache_shard, shards, batches = latents._encode, latents.cache_shard, [], []
+
+    def counted_shard(url, *a, **kw):
+        shards.append(Path(url).name)
+        return cache_shard(url, *a, **kw)
+
+    def killed_after_a_batch_of_the_second_shard(*a, **kw):
+        batches.append(shards[-1])
+        if batches.count(shards[-1]) == 2 and len(shards) == 2:
+            raise KeyboardInterrupt
+        return encode(*a, **kw)
+
+    monkeypatch.setattr(latents, "cache_shard", counted_shard)
+    monkeypatch.setattr(latents, "_encode", killed_after_a_batch_of_the_second_shard)
+    part = ["--resolution", "64", "--out", str(tmp_path / "part")]
+    with pytest.raises(KeyboardInterrupt):
+        main(args + part)
+    assert list(json.loads((tmp_path / "part" / latents.MANIFEST).read_text())["shards"]) == ["multi_seen-000000.tar"]
+    assert (tmp_path / "part" / "single_seen-000000.tar.tmp").is_file()  # killed while writing it
+    assert not (tmp_path / "part" / "single_seen-000000.tar").exists()
+    monkeypatch.setattr(latents, "_encode", encode)
+    shards.clear()
+    resumed = main(args + part)
+    assert shards == ["single_seen-000000.tar"]
+    assert resumed == {**full, "written": 1, "skipped": 1}
+    for name in ("multi_seen-000000.tar", "single_seen-000000.tar", latents.MANIFEST):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+
+    with pytest.raises(SystemExit, match=r"frames: \[\[64, 64\]\] -> \[\[48, 80\]\]\); use a new --out"):
+        main(args + ["--buckets", "48x80", "--out", str(tmp_path / "part")])
+    (tmp_path / "other").mkdir()
+    shutil.copy(heldout / "multi_seen-000000.tar", tmp_path / "other" / "multi_seen-000000.tar")
+    with pytest.raises(SystemExit, match="share the file name 'multi_seen-000000.tar'"):
+        main(["--shards", f"{tmp_path / 'in'}/multi_seen-000000.tar::{tmp_path / 'other'}/multi_seen-000000.tar",
+              *args[2:], "--resolution", "64", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="holds the input shard"):
+        main(args + ["--resolution", "64", "--out", str(tmp_path / "in")])
+    with pytest.raises(SystemExit, match="--shards: shard pattern .*nowhere"):
+        main(["--shards", str(tmp_path / "nowhere"), *args[2:], "--resolution", "64", "--out", str(tmp_path / "x")])
