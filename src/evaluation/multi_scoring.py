@@ -15,7 +15,6 @@ Numbers are x100 (%) except FID and counts; a mean with no contributing image is
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch import Tensor
 from src.evaluation import prompts as bp
 from src.evaluation.identities import BenchIdentity
 from src.evaluation.jobs import Job
-from src.evaluation.scoring import score_clip
+from src.evaluation.scoring import pct, score_clip
 from src.faces import box_mask
 from src.metrics import ClipScore, RoutingAccuracy
 from src.metrics.multi_id import MultiIdentityMetrics, MultiIdScore, multi_id_score
@@ -74,12 +73,6 @@ def mean_routing(layers: list[Tensor]) -> Tensor | None:
     w = max(m.shape[-1] for m in layers)
     up = [F.interpolate(m.float(), size=(h, w), mode="nearest") for m in layers]  # (1, R, h, w) each
     return torch.stack(up).mean(0)[0]
-
-
-def pct(v: Tensor | float) -> float | None:
-    """x100 rounded to 3 decimals; None for nan (a mean no image contributed to)."""
-    v = float(v)
-    return None if math.isnan(v) else round(100 * v, 3)
 
 
 @dataclass

@@ -4,6 +4,7 @@ x100 (%), as in the paper's tables, except FID. The multi-ID splits: multi_scori
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,6 @@ class ProtocolScores:
 
     def summary(self, fid: float | None) -> dict[str, Any]:
         """Numbers of this protocol (x100 except FID and counts)."""
-        pct = lambda v: round(100 * float(v), 3)  # noqa: E731
         face = self.face.compute()
         out: dict[str, Any] = {"num_images": self.num_images, **{k: pct(v) for k, v in face.items()}}
         if self.clip is not None:
@@ -69,6 +69,12 @@ class ProtocolScores:
         out["per_category"] = {k: pct(m.compute()["face_sim"]) for k, m in self.categories.items()}
         out["per_identity"] = {k: pct(m.compute()["face_sim"]) for k, m in self.per_identity.items()}
         return out
+
+
+def pct(v: Tensor | float) -> float | None:
+    """x100 rounded to 3 decimals; None for nan (a mean no image contributed to)."""
+    v = float(v)
+    return None if math.isnan(v) else round(100 * v, 3)
 
 
 def score_clip(clip: ClipScore | None, prompt: str, images: list[np.ndarray], refs: list[BenchIdentity]) -> None:
