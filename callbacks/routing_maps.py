@@ -14,14 +14,12 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 from callbacks.training_report import heldout_batches, report_path, write_report
+from src.conventions import IDENTITY_COLOURS
 from src.metrics import RoutingAccuracy
 
 log = logging.getLogger(__name__)
 
-# One colour per identity slot (RGB in [0, 1]).
-PALETTE = torch.tensor(
-    [[0.90, 0.10, 0.10], [0.10, 0.45, 0.95], [0.10, 0.80, 0.20], [0.95, 0.75, 0.10], [0.70, 0.20, 0.85]]
-)
+PALETTE = torch.tensor(IDENTITY_COLOURS) / 255.0  # (16, 3) RGB in [0, 1], slot n -> PALETTE[n % 16]
 GRID_PADDING = 2  # pixels between the tiles of a routing_panel grid (white)
 MIN_TITLE_PX, MAX_TITLE_PX = 10, 32  # font size range of the column titles
 BANDS = {"t<250": (0, 250), "250-500": (250, 500), "500-750": (500, 750), "t>=750": (750, 1000)}

@@ -6,6 +6,8 @@
 - Recognition crop: (B, N, 3, 112, 112) in [-1, 1], similarity-aligned to ARCFACE_TEMPLATE_112.
 - CLIP crop:       (B, N, 3, S, S) in [-1, 1]; `to_clip_pixels` normalises for the CLIP tower.
 - Identity labels: long (B, N), -1 when unknown.
+- Identity colours: slot n is IDENTITY_COLOURS[n % 16] in every picture (TensorBoard routing panels,
+  routing_maps.png, generate's routing-map PNGs, the web demo, the evaluation sheets).
 """
 from __future__ import annotations
 
@@ -19,6 +21,13 @@ CLIP_CROP_SIZE = 224  # SD1.5 scale; the tiny preset resizes to its own tower's 
 ARCFACE_TEMPLATE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
     dtype=np.float32,
+)
+
+# 16 distinguishable identity colours (RGB uint8), in slot order.
+IDENTITY_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
+    (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
 )
 
 # OpenAI / OpenCLIP image normalisation.

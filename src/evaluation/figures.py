@@ -24,16 +24,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from src.conventions import IDENTITY_COLOURS
 from src.evaluation import prompts as bp
 from src.evaluation.multi_scoring import SheetEntry
 from src.evaluation.reports import PUBLISHED_SOURCE, comparable, source_label
 
-# 16 distinguishable identity colours (RGB), assigned in identity-list order.
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
-    (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
-)
 TILE = 128  # px per picture on the contact sheet
 SHEET_COLUMNS = 3  # (generation, routing map) pairs per row
 SPLIT_METRICS: tuple[tuple[str, str], ...] = (
@@ -46,8 +41,8 @@ CATEGORY_ORDER = ("accessory", "action", "context", "style")
 
 
 def identity_colours(names: Sequence[str]) -> dict[str, tuple[int, int, int]]:
-    """A fixed colour per identity, in list order (the palette repeats beyond 16 identities)."""
-    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+    """A fixed colour per identity, in list order (`IDENTITY_COLOURS`, repeating beyond 16 identities)."""
+    return {n: IDENTITY_COLOURS[i % len(IDENTITY_COLOURS)] for i, n in enumerate(names)}
 
 
 def _tile(image: np.ndarray) -> Image.Image:

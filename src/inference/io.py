@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from src.conventions import IDENTITY_COLOURS
 from src.faces import load_rgb
 from src.inference.pipeline import Identity, PipelineOutput
 
-# identity colours of the routing-map PNGs (identity n -> PALETTE[n % len]); black = no identity
-PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [145, 30, 180], [70, 240, 240]],
-                   dtype=np.uint8)
+# identity colours of the routing-map PNGs (identity n -> PALETTE[n % 16]); black = no identity
+PALETTE = np.array(IDENTITY_COLOURS, dtype=np.uint8)  # (16, 3)
 
 
 def routing_colours(hard: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

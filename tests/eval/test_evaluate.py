@@ -15,9 +15,9 @@ from PIL import Image
 from datamodules.synthetic.identities import manifest_identities
 from src.cli import evaluate
 from src.cli.train import main as train_main
+from src.conventions import IDENTITY_COLOURS
 from src.evaluation import benchmark, identities
 from src.evaluation import prompts as bp
-from src.evaluation.figures import PALETTE
 from src.evaluation.multi_scoring import UNROUTED_LABEL
 from src.evaluation.reports import BREAK
 from src.evaluation.synthetic_recognizer import nms, sliding_windows
@@ -223,7 +223,7 @@ def test_multi_splits_end_to_end_routed(tiny_world, checkpoints, tmp_path):
         pixels = {tuple(p) for p in np.asarray(sheet.convert("RGB")).reshape(-1, 3)}
         order = [i["name"] for i in res["identities"]]
         first = split["groups"][0].split("+")
-        assert all(PALETTE[order.index(x)] in pixels for x in first)
+        assert all(IDENTITY_COLOURS[order.index(x)] in pixels for x in first)
         assert Image.open(out / f"people{n}_metrics.png").format == "PNG"
     assert len(sorted(Path(res["images_dir"]).rglob("*.routing.safetensors"))) == 2 + 1 + 1
     md = (out / "results.md").read_text()

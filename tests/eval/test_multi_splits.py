@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from src.conventions import IDENTITY_COLOURS
 from src.evaluation import prompts as bp
 from src.evaluation.benchmark import multi_unrouted
-from src.evaluation.figures import PALETTE, TILE, identity_colours, routing_picture, write_contact_sheet
+from src.evaluation.figures import TILE, identity_colours, routing_picture, write_contact_sheet
 from src.evaluation.multi_scoring import SheetEntry, SplitScores
 from src.evaluation.reports import BREAK, write_markdown
 from src.metrics.multi_id import multi_id_score
@@ -134,7 +135,7 @@ def test_contact_sheet_colours_boxes_by_matched_identity(tmp_path):
     """Face 0 was matched to identity b, face 1 to nobody: face 0's box takes b's colour, face 1's white;
     the routing map shows each identity's colour where it is routed."""
     colours = identity_colours(["a", "b"])
-    assert colours == {"a": PALETTE[0], "b": PALETTE[1]}
+    assert colours == {"a": IDENTITY_COLOURS[0], "b": IDENTITY_COLOURS[1]}
     image = np.zeros((32, 32, 3), np.uint8)
     routing = torch.zeros(2, 2, 2)
     routing[0, :, 0] = 1  # left column -> a
@@ -142,7 +143,7 @@ def test_contact_sheet_colours_boxes_by_matched_identity(tmp_path):
     entry = SheetEntry(("a", "b"), "a person and a person", image, np.array([[0, 0, 16, 16], [16, 16, 32, 32]],
                        np.float32), (None, 0), (0.0, 0.7), routing)
     picture = np.asarray(routing_picture(routing, [colours["a"], colours["b"]]))
-    assert tuple(picture[TILE // 2, 0]) == PALETTE[0] and tuple(picture[TILE // 2, -1]) == PALETTE[1]
+    assert tuple(picture[TILE // 2, 0]) == IDENTITY_COLOURS[0] and tuple(picture[TILE // 2, -1]) == IDENTITY_COLOURS[1]
     path = tmp_path / "sheet.png"
     refs = [("a", np.full((8, 8, 3), 100, np.uint8)), ("b", np.full((8, 8, 3), 200, np.uint8))]
     write_contact_sheet(path, "2 people", refs, [entry], colours)
@@ -153,7 +154,7 @@ def test_contact_sheet_colours_boxes_by_matched_identity(tmp_path):
     black = (sheet == 0).all(-1)  # (H, W)
     y0, x0 = np.flatnonzero(black.sum(1) >= TILE // 4).min(), np.flatnonzero(black.sum(0) >= TILE // 4).min()
     assert y0 > TILE  # below the references row
-    assert tuple(sheet[y0 + TILE // 4, x0]) == PALETTE[1]  # face 0's box (left edge), identity b
+    assert tuple(sheet[y0 + TILE // 4, x0]) == IDENTITY_COLOURS[1]  # face 0's box (left edge), identity b
     assert tuple(sheet[y0 + 3 * TILE // 4, x0 + TILE // 2]) == (255, 255, 255)  # face 1's box, unmatched
 
 
