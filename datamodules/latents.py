@@ -32,7 +32,9 @@ Each shard is written under a temporary name and renamed when whole; ``latent_ca
 records it, with the settings (frames, the VAE's scaling factor and channels, its path). A re-run resumes: it
 skips the shards listed there and refuses other frames or another VAE scaling factor, naming them (a killed
 run re-encodes only the shard it was in, and writes it byte for byte as an uninterrupted run does). Two input
-shards of one file name, or --out holding an input, are refused before anything is written.
+shards of one file name, or --out holding an input, are refused before anything is written. With
+``--distributor ray`` every shard is a Ray task (datamodules/latents_ray.py; one GPU each with --device cuda),
+with the same output.
 
 Older caches were square only: ``box`` (x0, y0, side) and ``resolution`` R, read as the window
 (x0, y0, side, side) and the frame (R, R) (`datamodules.schema.decode_latent`). Caches written before
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,14 +146,15 @@ def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int | Non
 
 MANIFEST = "latent_cache.json"
 CONTENT_SETTINGS = ("frames", "scaling_factor", "latent_channels")  # a change makes other latents: refused
+DISTRIBUTORS = ("local", "ray")  # local: this process; ray: a Ray task per shard (datamodules/latents_ray.py)
 
 
-def cache_settings(vae: torch.nn.Module, vae_path: str | Path, resolution: int | None,
+def cache_settings(vae_config: Mapping[str, Any], vae_path: str | Path, resolution: int | None,
                    buckets: Sequence[Bucket] | None) -> dict[str, Any]:
     """What a cache directory's latents were made with (its manifest's ``settings``)."""
     frames = [list(b) for b in buckets] if buckets else [[resolution, resolution]]
-    return {"frames": frames, "scaling_factor": float(vae.config.scaling_factor),
-            "latent_channels": int(vae.config.latent_channels), "vae": str(Path(vae_path).resolve())}
+    return {"frames": frames, "scaling_factor": float(vae_config["scaling_factor"]),
+            "latent_channels": int(vae_config["latent_channels"]), "vae": str(Path(vae_path).resolve())}
 
 
 def _load_manifest(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -175,13 +178,17 @@ def _load_manifest(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def cache_shards(urls: Sequence[str], out_dir: Path, vae: torch.nn.Module, vae_path: str | Path,
-                 resolution: int | None, buckets: Sequence[Bucket] | None = None, batch_size: int = 16,
-                 device: str | torch.device = "cpu", progress: bool = True) -> dict[str, int]:
+def cache_shards(urls: Sequence[str], out_dir: Path, vae_path: str | Path, resolution: int | None,
+                 buckets: Sequence[Bucket] | None = None, batch_size: int = 16, device: str = "cpu",
+                 progress: bool = True, distributor: str = "local", ray_address: str | None = None,
+                 workers: int = 1) -> dict[str, int]:
     """`cache_shard` for every input shard into `out_dir` (same file names), resumably: ``latent_cache.json``
     records the settings and each finished shard, so a re-run skips the shards already written and refuses
-    other settings. Returns the totals over the directory (``cached``, ``copied_without_latent``) and the
-    shards ``written`` now and ``skipped`` as already cached."""
+    other settings. `distributor` "ray" runs a Ray task per shard (datamodules/latents_ray.py; at `ray_address`,
+    else on a local instance of `workers` CPUs). Returns the totals over the directory (``cached``,
+    ``copied_without_latent``) and the shards ``written`` now and ``skipped`` as already cached."""
+    if distributor not in DISTRIBUTORS:
+        raise ValueError(f"--distributor={distributor!r} is not one of {DISTRIBUTORS}")
     names: dict[str, str] = {}
     for url in urls:
         name = Path(url).name
@@ -191,21 +198,36 @@ def cache_shards(urls: Sequence[str], out_dir: Path, vae: torch.nn.Module, vae_p
         if (out_dir / name).resolve() == Path(url).resolve():
             raise ValueError(f"--out {out_dir} holds the input shard {url}; give another directory")
         names[name] = url
+    from diffusers import AutoencoderKL
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = _load_manifest(out_dir, cache_settings(vae, vae_path, resolution, buckets))
+    config = AutoencoderKL.load_config(vae_dir(vae_path), local_files_only=True)
+    manifest = _load_manifest(out_dir, cache_settings(config, vae_path, resolution, buckets))
     done = {n for n in manifest["shards"] if n in names and (out_dir / n).is_file()}
     if done:
         log.info("%s: %d of %d shard(s) already cached (listed in %s): skipped", out_dir, len(done), len(urls),
                  MANIFEST)
-    for url in tqdm([u for u in urls if Path(u).name not in done], desc="caching latents", unit="shard",
-                    disable=not progress):
-        manifest["shards"][Path(url).name] = cache_shard(url, out_dir / Path(url).name, vae, resolution,
-                                                         batch_size, device, buckets)
+    todo = [u for u in urls if Path(u).name not in done]
+
+    def record(url: str, counts: dict[str, int]) -> None:
+        manifest["shards"][Path(url).name] = counts
         write_json_atomic(out_dir / MANIFEST, manifest)  # after the shard's rename: a listed shard is whole
+
+    with tqdm(total=len(todo), desc="caching latents", unit="shard", disable=not progress) as bar:
+        if distributor == "ray":
+            from datamodules.latents_ray import run_ray  # ray is imported only when asked for
+
+            run_ray((load_vae, cache_shard), todo, out_dir, str(vae_path), resolution, buckets, batch_size, device,
+                    record, ray_address, workers, bar)
+        else:
+            vae = load_vae(vae_path).to(device)
+            for url in todo:
+                record(url, cache_shard(url, out_dir / Path(url).name, vae, resolution, batch_size, device, buckets))
+                bar.update()
     listed = [manifest["shards"][n] for n in names]
     return {"cached": sum(c["cached"] for c in listed),
             "copied_without_latent": sum(c["copied_without_latent"] for c in listed),
-            "written": len(urls) - len(done), "skipped": len(done)}
+            "written": len(todo), "skipped": len(done)}
 
 
 def size_conditioning(cached: CachedLatent, original_size: tuple[int, int], crop_top_left: tuple[int, int],
@@ -223,15 +245,20 @@ def size_conditioning(cached: CachedLatent, original_size: tuple[int, int], crop
     return True
 
 
-def load_vae(path: str | Path) -> torch.nn.Module:
-    """A diffusers AutoencoderKL from a local directory: the base model (with a `vae/` subfolder) or the
-    VAE folder itself. Nothing is downloaded."""
-    from diffusers import AutoencoderKL
-
+def vae_dir(path: str | Path) -> Path:
+    """The folder holding a diffusers VAE's config.json: the base model's `vae/` subfolder or `path` itself
+    (FileNotFoundError naming `path` otherwise)."""
     path = Path(path)
     if (path / "vae" / "config.json").is_file():
         path = path / "vae"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--vae: no diffusers VAE at '{path}' (expected config.json there or in vae/)")
-    return AutoencoderKL.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+    return path
 
+
+def load_vae(path: str | Path) -> torch.nn.Module:
+    """A diffusers AutoencoderKL from a local directory: the base model (with a `vae/` subfolder) or the
+    VAE folder itself. Nothing is downloaded."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(vae_dir(path), local_files_only=True).eval().requires_grad_(False)

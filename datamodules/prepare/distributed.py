@@ -50,17 +50,18 @@ def _shard_task(
     return shard(name, slot)
 
 
-def connect(cfg: PrepareConfig) -> bool:
-    """Connect to the cluster at --ray-address, or start a local instance with --workers CPUs (one already
-    started in this process is used as it is); True when this call connected (and so must shut down)."""
+def connect(address: str | None, workers: int) -> bool:
+    """Connect to the cluster at `address` (--ray-address), or start a local instance with `workers` CPUs (one
+    already started in this process is used as it is); True when this call connected (and so must shut down).
+    Shared by the shard preparation and the latent cache (datamodules/latents_ray.py)."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no usage reports (read when Ray starts its processes)
     if ray.is_initialized():
         return False
-    if cfg.ray_address is not None:
-        ray.init(address=cfg.ray_address, log_to_driver=False)
+    if address is not None:
+        ray.init(address=address, log_to_driver=False)
         return True
     # local only: no dashboard, and the node address given, so Ray does not probe for an outward interface
-    ray.init(num_cpus=cfg.workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     return True
 
 
@@ -73,7 +74,7 @@ def run_ray(
     inputs)` is called here, in the driver, as each completes. Returns the CPUs Ray offers (the tasks that run
     at once). A task that still fails after its retries is raised here (the shards done so far are in the
     manifest) and the queued ones are cancelled."""
-    owned = connect(cfg)
+    owned = connect(cfg.ray_address, cfg.workers)
     try:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         table_box = [ray.put(table)]

@@ -11,7 +11,7 @@ import torch
 
 import datamodules.latents as latents
 from datamodules.buckets import BUCKET_PRESETS, Bucket, resolve_buckets
-from datamodules.latents import cache_shards, load_vae
+from datamodules.latents import DISTRIBUTORS, cache_shards
 from datamodules.loader import resolve_shards
 from src.cli import exit_status
 from src.paths import is_local
@@ -29,7 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (shards keep their file names; its "
                                                 "latent_cache.json lists the finished ones, so a re-run resumes)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the VAE runs (with --distributor ray: in every task, one GPU each for cuda)")
+    p.add_argument("--distributor", choices=DISTRIBUTORS, default="local",
+                   help="local: this process; ray: a Ray task per shard (datamodules/latents_ray.py)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --distributor ray: the cluster's address (auto or HOST:PORT); none: a local instance")
+    p.add_argument("--workers", type=int, default=1,
+                   help="with --distributor ray and no --ray-address: the local instance's CPUs (CPU tasks at once)")
     return p
 
 
@@ -62,11 +69,13 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     remote = [u for u in urls if not is_local(u)]
     if remote:
         raise SystemExit(f"--shards: only local shard files can be cached, got {remote[0]!r}")
-    vae = load_vae(a.vae).to(a.device)
+    if a.workers < 1 or (a.ray_address is not None and a.distributor != "ray"):
+        raise SystemExit(f"--workers must be >= 1 (got {a.workers}) and --ray-address needs --distributor ray")
     try:
-        total = cache_shards(urls, Path(a.out), vae, a.vae, a.resolution, buckets, a.batch_size, a.device,
-                             progress=sys.stderr.isatty())
-    except ValueError as e:  # names the shard, directory or setting at fault
+        total = cache_shards(urls, Path(a.out), a.vae, a.resolution, buckets, a.batch_size, a.device,
+                             progress=sys.stderr.isatty(), distributor=a.distributor, ray_address=a.ray_address,
+                             workers=a.workers)
+    except (ValueError, FileNotFoundError) as e:  # names the shard, directory, VAE or setting at fault
         raise SystemExit(f"error: {e}") from e
     print(f"[latent cache] {len(urls)} shard(s) -> {a.out} ({total['written']} written now, {total['skipped']} "
           f"already cached): {total['cached']} latents, {total['copied_without_latent']} sample(s) copied without "

@@ -254,17 +254,29 @@ def test_bucketed_cache_keeps_the_order_and_holds_each_images_latent_at_its_buck
                                                                             "crop_top_left"))
 
 
-def test_an_interrupted_cache_resumes_to_the_same_bytes_and_refuses_other_settings(tiny_world, tmp_path,
-                                                                                   monkeypatch):
+@pytest.fixture(scope="module")
+def two_shards(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two held-out shards in one folder, and the folder cached by one uninterrupted local run."""
+    tmp = tmp_path_factory.mktemp("two_shards")
+    (tmp / "in").mkdir()
+    for name in ("multi_seen-000000.tar", "single_seen-000000.tar"):
+        shutil.copy(tiny_world / "data" / "heldout" / name, tmp / "in" / name)
+    args = ["--shards", str(tmp / "in"), "--vae", str(tiny_world / "base"), "--batch-size", "4"]
+    full = main(args + ["--resolution", "64", "--out", str(tmp / "full")])
+    return {"in": tmp / "in", "args": args, "full": full, "full_dir": tmp / "full"}
+
+
+def same_files(a: Path, b: Path) -> bool:
+    names = ("multi_seen-000000.tar", "single_seen-000000.tar", latents.MANIFEST)
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def test_an_interrupted_cache_resumes_to_the_same_bytes_and_refuses_other_settings(tiny_world, two_shards,
+                                                                                   tmp_path, monkeypatch):
     """latent_cache.json lists each finished shard: a re-run after a kill mid-shard skips the finished ones and
     writes the rest byte for byte as an uninterrupted run does; other frames, or two inputs of one file name,
     are refused naming them."""
-    heldout = tiny_world / "data" / "heldout"
-    (tmp_path / "in").mkdir()
-    for name in ("multi_seen-000000.tar", "single_seen-000000.tar"):
-        shutil.copy(heldout / name, tmp_path / "in" / name)
-    args = ["--shards", str(tmp_path / "in"), "--vae", str(tiny_world / "base"), "--batch-size", "4"]
-    full = main(args + ["--resolution", "64", "--out", str(tmp_path / "full")])
+    heldout, args, full = tiny_world / "data" / "heldout", two_shards["args"], two_shards["full"]
     assert full["written"] == 2 and full["skipped"] == 0
 
     encode, cache_shard, shards, batches = latents._encode, latents.cache_shard, [], []
@@ -292,17 +304,25 @@ def test_an_interrupted_cache_resumes_to_the_same_bytes_and_refuses_other_settin
     resumed = main(args + part)
     assert shards == ["single_seen-000000.tar"]
     assert resumed == {**full, "written": 1, "skipped": 1}
-    for name in ("multi_seen-000000.tar", "single_seen-000000.tar", latents.MANIFEST):
-        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    assert same_files(tmp_path / "part", two_shards["full_dir"])
 
     with pytest.raises(SystemExit, match=r"frames: \[\[64, 64\]\] -> \[\[48, 80\]\]\); use a new --out"):
         main(args + ["--buckets", "48x80", "--out", str(tmp_path / "part")])
     (tmp_path / "other").mkdir()
     shutil.copy(heldout / "multi_seen-000000.tar", tmp_path / "other" / "multi_seen-000000.tar")
     with pytest.raises(SystemExit, match="share the file name 'multi_seen-000000.tar'"):
-        main(["--shards", f"{tmp_path / 'in'}/multi_seen-000000.tar::{tmp_path / 'other'}/multi_seen-000000.tar",
+        main(["--shards", f"{two_shards['in']}/multi_seen-000000.tar::{tmp_path / 'other'}/multi_seen-000000.tar",
               *args[2:], "--resolution", "64", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="holds the input shard"):
-        main(args + ["--resolution", "64", "--out", str(tmp_path / "in")])
+        main(args + ["--resolution", "64", "--out", str(two_shards["in"])])
     with pytest.raises(SystemExit, match="--shards: shard pattern .*nowhere"):
         main(["--shards", str(tmp_path / "nowhere"), *args[2:], "--resolution", "64", "--out", str(tmp_path / "x")])
+
+
+def test_the_ray_distributor_writes_the_local_runs_bytes(two_shards, tmp_path):
+    """--distributor ray (a local instance of 2 CPUs, a task per shard): the same shards and manifest, byte for
+    byte, as the local run."""
+    got = main(two_shards["args"] + ["--resolution", "64", "--distributor", "ray", "--workers", "2",
+                                     "--out", str(tmp_path / "ray")])
+    assert got == two_shards["full"]
+    assert same_files(tmp_path / "ray", two_shards["full_dir"])

@@ -55,7 +55,7 @@ def ray_run(reference, tmp_path_factory):
 def ray_instance(ray_run):
     """A local instance the later tests share (prepare uses one already started); started after `ray_run`,
     which must find none, and shut down at the end of the module."""
-    assert connect(PrepareConfig(input=".", format="folder", out=".", workers=2, distributor="ray"))
+    assert connect(None, 2)
     yield
     ray.shutdown()
     assert not ray.is_initialized()
