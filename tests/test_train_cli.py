@@ -31,6 +31,9 @@ def test_every_config_resolves_and_stage_configs_hold_overrides_only():
         callbacks1, callbacks2 = stage1["trainer"].get("callbacks", {}), stage2["trainer"].get("callbacks", {})
         assert isinstance(callbacks2, dict), f"{stage2_path}: trainer.callbacks should name its callbacks"
         assert not [k for k, v in callbacks2.items() if callbacks1.get(k) == v], stage2_path
+    for name in ("stage1.yaml", "stage2.yaml"):  # SDXL trains in aspect-ratio buckets (README, "SDXL")
+        data = resolve_config(CONFIGS / "sdxl" / name)["data"]
+        assert data["buckets"] == "sdxl_1024" and data["resolution"] == 1024, name
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
