@@ -19,7 +19,7 @@ import ray
 from tqdm import tqdm
 
 from datamodules.buckets import Bucket
-from datamodules.prepare.distributed import MAX_RETRIES, connect
+from datamodules.prepare.distributed import MAX_RETRIES, cancelled_on_error, connected
 
 _LOADED: dict = {}  # in a Ray worker process: the VAE of the (path, device) it was loaded for
 
@@ -42,23 +42,17 @@ def run_ray(worker: tuple[Callable[..., Any], Callable[..., dict[str, int]]], ur
     (`latents.cache_shards`, which imports this module, hands both over); `record(url, counts)` runs here, in
     the driver, as each finishes. A task that still fails after its retries is raised here (the shards done so
     far are recorded) and the others are cancelled."""
-    owned = connect(address, workers)
-    try:
+    with connected(address, workers):
         resources = {"num_gpus": 1, "num_cpus": 1} if str(device).startswith("cuda") else {"num_cpus": 1}
         task = _cache_task.options(**resources)
         vae = str(Path(vae_path).resolve())  # absolute paths: a worker's working directory is its own
-        pending = {task.remote(worker, str(Path(url).resolve()), (out_dir / Path(url).name).resolve(), vae,
-                               resolution, buckets, batch_size, str(device)): url for url in urls}
-        try:
+        pending: dict[ray.ObjectRef, str] = {}
+        with cancelled_on_error(pending):
+            for url in urls:
+                pending[task.remote(worker, str(Path(url).resolve()), (out_dir / Path(url).name).resolve(), vae,
+                                    resolution, buckets, batch_size, str(device))] = url
             while pending:
                 finished, _ = ray.wait(list(pending), num_returns=1)
                 for ref in finished:
                     record(pending.pop(ref), ray.get(ref))
                     bar.update()
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
-    finally:
-        if owned:
-            ray.shutdown()

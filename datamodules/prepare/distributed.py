@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -65,6 +66,28 @@ def connect(address: str | None, workers: int) -> bool:
     return True
 
 
+@contextmanager
+def connected(address: str | None, workers: int) -> Iterator[None]:
+    """`connect` for the body, and Ray shut down after it when this call started or joined the instance."""
+    owned = connect(address, workers)
+    try:
+        yield
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+@contextmanager
+def cancelled_on_error(pending: dict[ray.ObjectRef, Any]) -> Iterator[None]:
+    """Cancel the tasks still in `pending` when the body raises (a task's final failure, a Ctrl-C)."""
+    try:
+        yield
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+
+
 def run_ray(
     cfg: PrepareConfig, table: dict[str, str], tasks: Iterator[tuple[str, Iterable]], bar: tqdm,
     done: Callable[[str, dict, int], None], worker: tuple[Callable[..., None], Callable[[str, list], Any]],
@@ -74,13 +97,12 @@ def run_ray(
     inputs)` is called here, in the driver, as each completes. Returns the CPUs Ray offers (the tasks that run
     at once). A task that still fails after its retries is raised here (the shards done so far are in the
     manifest) and the queued ones are cancelled."""
-    owned = connect(cfg.ray_address, cfg.workers)
-    try:
+    with connected(cfg.ray_address, cfg.workers):
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         table_box = [ray.put(table)]
         task = _shard_task.options(num_gpus=GPU_SHARE) if cfg.device.startswith("cuda") else _shard_task
         pending: dict[ray.ObjectRef, tuple[str, int]] = {}
-        try:
+        with cancelled_on_error(pending):
             for name, slot in tasks:
                 items = list(slot)
                 pending[task.remote(worker, cfg, table_box, name, items)] = (name, len(items))
@@ -88,13 +110,6 @@ def run_ray(
                     _collect(pending, bar, done)
             while pending:
                 _collect(pending, bar, done)
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
-    finally:
-        if owned:
-            ray.shutdown()
     return cpus
 
 
