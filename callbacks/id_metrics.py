@@ -126,9 +126,10 @@ class IdentityMetrics(L.Callback):
     def fixed_batch(self, trainer: L.Trainer) -> dict[str, Any] | None:
         if self._batch is None:
             dm = trainer.datamodule
-            if dm is None:
+            first = next(iter(dm.preview_dataloader()), None) if hasattr(dm, "preview_dataloader") else None
+            if first is None:  # no DataModule, or no sample
                 return None
-            self._batch = slice_batch(next(iter(dm.val_dataloader())), self.num_images)
+            self._batch = slice_batch(first, self.num_images)  # of val_shards, else of the training shards
         return self._batch
 
     def recognizer(self, pl_module: L.LightningModule, image_size: int) -> Any:

@@ -195,6 +195,18 @@ class FaceShardDataModule(pl.LightningDataModule):
         dataset = FaceShardDataset(self._stream_config(self._val_urls, training=False), training=False)
         return make_loader(dataset, self.batch_size, self.num_workers, epoch_source=lambda: 0, **self._loader_options())
 
+    def preview_dataloader(self) -> EpochLoader | list:
+        """The callbacks' fixed batches (routing maps, identity metrics): the validation loader, or without
+        val_shards deterministic batches of the training shards (no shuffle, eval crop, this stage's faces,
+        read in this process)."""
+        if self.val_shards:
+            return self.val_dataloader()
+        log.info("no data.val_shards: the callbacks' pictures and metrics use the first training samples "
+                 "(eval crop, no shuffle)")
+        dataset = FaceShardDataset(self._stream_config(resolve_shards(self.train_shards), training=False),
+                                   training=False)
+        return make_loader(dataset, self.batch_size, 0, epoch_source=lambda: 0, pin_memory=self.pin_memory)
+
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Stage and data source, saved in checkpoints so a resumed run continues the same stage."""

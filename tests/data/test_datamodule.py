@@ -242,6 +242,29 @@ def test_val_loader_is_deterministic_and_uncropped(data: dict) -> None:
     assert make_dm(data["single"]).val_dataloader() == []
 
 
+def test_preview_batches_are_the_validation_ones_else_the_training_shards_in_order(data: dict) -> None:
+    """The callbacks' fixed batches (routing maps, identity metrics): the validation loader's, and without
+    val_shards the training shards read as validation shards are (no shuffle, eval crop), so a config
+    without held-out data still gets its routing maps; both callbacks take that first batch."""
+    from types import SimpleNamespace
+
+    from callbacks.id_metrics import IdentityMetrics
+    from callbacks.routing_maps import RoutingMapLogger
+
+    with_val = make_dm(data["single"], val_shards=data["val"], resolution=64)
+    assert [b["key"] for b in with_val.preview_dataloader()] == [b["key"] for b in with_val.val_dataloader()]
+    plain = make_dm(data["multi"], multi_id=True, resolution=64, num_workers=2)
+    as_val = make_dm(data["multi"], multi_id=True, resolution=64, val_shards=data["multi"])
+    got, want = list(plain.preview_dataloader()), list(as_val.val_dataloader())
+    assert [b["key"] for b in got] == [b["key"] for b in want] and len(got) == 3
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(got, want) for k in ("image", "face_masks", "face_valid"))
+
+    trainer = SimpleNamespace(datamodule=plain)
+    module = SimpleNamespace(device=torch.device("cpu"), transfer_batch_to_device=lambda b, device, i: b)
+    assert RoutingMapLogger()._fixed_batch(trainer, module)["key"] == got[0]["key"]
+    assert IdentityMetrics(num_images=2).fixed_batch(trainer)["key"] == got[0]["key"][:2]
+
+
 def test_resampled_epoch_length(data: dict) -> None:
     dm = make_dm(data["single"], resampled=True, epoch_length=5, num_workers=2, batch_size=2)
     loader = dm.train_dataloader()
