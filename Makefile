@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 # `make tiny` is one process with no loader workers, so it takes both cores (measured here: a tiny
 # UNet pretraining step 1.5-2.4 s on one thread, 1.0-1.3 s on two).
 TINY_THREADS ?= 2
-# `make tiny PRETRAIN=1` pretrains the tiny UNet, VAE and face backbone here (~13 min on 2 cores) instead of
+# `make tiny PRETRAIN=1` pretrains the tiny UNet, VAE and face backbone here (~15 min on 2 cores) instead of
 # copying the shipped weights of assets/tiny (`make tiny-sdxl PRETRAIN=1`: the tiny SDXL UNet, ~7 min).
 PRETRAIN ?=
 # Extra CLI arguments for both training stages (e.g. `make demo TRAIN_ARGS=--trainer.max_steps=200`,

@@ -1,4 +1,4 @@
-"""`python -m src.evaluate`: alias of `uniportrait-evaluate` (src/cli/evaluate.py)."""
+"""`python -m src.evaluate`: alias of `uniportrait-eval` (src/cli/evaluate.py)."""
 from src.cli.evaluate import console
 
 if __name__ == "__main__":

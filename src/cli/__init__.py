@@ -1,10 +1,12 @@
 """Entry points: argument parsing and calls into the library, nothing else.
 
-Each module here is one command, run as a console script (`uniportrait-train`, ..., see
-`[project.scripts]` in pyproject.toml) or with `python -m` under its historical name
-(`python -m src.train` is `python -m src.cli.train`). Each has `main(argv=None)`, which tests call
-with the arguments a user types and which returns what the command made, and `console()`, the
-console script, which turns that into an exit status.
+Each module here is one command, run as `python -m src.cli.<name>`, as a console script (`uniportrait-train`,
+..., see `[project.scripts]` in pyproject.toml) and mostly with `python -m` under a historical name
+(`python -m src.train` is `python -m src.cli.train`). Each has `main(argv=None)` (train: `main(args=None,
+run=True)`, the LightningCLI), which tests call with the arguments a user types and which returns what the
+command made where there is something to return (the files, counts or results; None for the servers and
+`generate`, which writes its files), and `console()`, the console script, which turns that into an exit
+status.
 
 Library modules never import from this package (tests/test_layout.py checks it).
 """
@@ -27,7 +29,8 @@ def exit_status(result: Any) -> int:
 
 def run_or_exit(run_fn: Callable[[argparse.Namespace], T], args: argparse.Namespace) -> T:
     """Run a CLI's `run(args)`; a user error (bad photo, missing file, wrong key or value) becomes
-    `error: ...` on stderr and exit code 2 instead of a traceback. Shared by generate, evaluate and export."""
+    `error: ...` on stderr and exit code 2 instead of a traceback. Shared by generate, app, evaluate, export and
+    tiny_sdxl."""
     from src.faces import NoFaceError, UnreadableImageError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

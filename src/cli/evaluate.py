@@ -61,12 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", type=Path, default=None,
                    help="a checkpoint trained here (.ckpt / .safetensors); default: newest runs/tiny/**/last*.ckpt")
-    g.add_argument("--released-faceid", type=Path, default=None, help="released uniportrait-faceid_sd15.bin")
-    g.add_argument("--released-router", type=Path, default=None, help="released uniportrait-router_sd15.bin")
-    g.add_argument("--dim-head", type=int, default=64, help="Q-Former head width of released weights (default 64)")
+    g.add_argument("--released-faceid", type=Path, default=None,
+                   help="released uniportrait-faceid_sd15.bin (or an exported uniportrait-faceid_sdxl.safetensors)")
+    g.add_argument("--released-router", type=Path, default=None,
+                   help="released uniportrait-router_sd15.bin (or uniportrait-router_sdxl.safetensors)")
+    g.add_argument("--dim-head", type=int, default=None,
+                   help="Q-Former head width of released weights (default: the file's metadata, else 64)")
     g.add_argument("--components", type=Path, default=None,
                    help="YAML with the ComponentPaths keys (or a training config); default: the tiny world")
-    g.add_argument("--base-model", default=None, help="diffusers SD1.5 directory overriding components.base_model")
+    g.add_argument("--base-model", default=None,
+                   help="diffusers SD1.5 or SDXL directory overriding components.base_model")
     g.add_argument("--tiny-root", type=Path, default=Path("artifacts/tiny"),
                    help="the embedded tiny world (components + data/manifest.json) (default artifacts/tiny)")
     g = p.add_argument_group("identities and metrics")

@@ -1,7 +1,7 @@
 """Export a checkpoint trained here to the released UniPortrait layout, so it runs wherever the
 authors' weights run:
 
-    python -m src.export --checkpoint runs/stage2/checkpoints/last.ckpt --components weights.yaml --out released/
+    python -m src.export --checkpoint runs/stage2/checkpoints/last.ckpt --components configs/stage2.yaml --out released/
 
 writes `uniportrait-faceid_sd15.bin` (ID embedding, face-ID projections, single-ID LoRA) and, for a
 stage-2 checkpoint, `uniportrait-router_sd15.bin` (routers, multi-ID LoRA), as plain tensor dicts

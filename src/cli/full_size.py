@@ -1,7 +1,7 @@
 """`python -m src.cli.full_size` (`make full-size`): the stage configs' training commands, generation and export at
 SD1.5 size on the CPU, on random weights, timed (src/benchmarks/full_size.py).
 
-    python -m src.cli.full_size                               # artifacts/full-size: ~9 GB of components, 13-14 GB RAM
+    python -m src.cli.full_size                               # artifacts/full-size: 8.5 GB of weights, ~11 GB RSS
     python -m src.cli.full_size --arch tiny --out /tmp/fs     # the same steps on the tiny architectures (seconds)
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ Examples:
       --face alice.jpg --face bob.jpg --components configs/stage1.yaml \\
       --released-faceid uniportrait-faceid_sd15.bin --released-router uniportrait-router_sd15.bin --out out/
   # the embedded default (after `make demo`): tiny components under artifacts/tiny, newest runs/tiny checkpoint
-  python -m src.generate --prompt "a person" --face-crop artifacts/some_crop.png --out out/
+  python -m src.generate --prompt "a person" --face-crop artifacts/tiny/examples/person_a.png --out out/
   # SDXL: an SDXL base model (text_encoder_2/, tokenizer_2/) with a checkpoint trained on it or its export
   python -m src.generate --prompt "a person" --face alice.jpg --components configs/sdxl/stage2.yaml \\
       --checkpoint runs/sdxl/stage2/checkpoints/last.ckpt --out out/
