@@ -64,6 +64,17 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[Bucket]) -> Bucket
     return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - target))
 
 
+def training_frame(height: int, width: int, resolution: int | None, buckets: Sequence[Bucket] | None) -> Bucket:
+    """The frame (h, w) an image of height x width is cropped to: the bucket nearest its aspect ratio, else
+    (resolution, resolution). Shared by the loader and the latent cache, so a cached latent is of the frame the
+    loader gives its image."""
+    if buckets:
+        return nearest_bucket(height, width, buckets)
+    if resolution is None:
+        raise ValueError("training_frame: give a resolution or buckets")
+    return resolution, resolution
+
+
 def batch_by_bucket(items: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
     """Group per-sample items (whose ``image`` is (h, w, 3)) into batches of one frame size each.
 

@@ -19,7 +19,7 @@ name under --out holding each sample unchanged, in the same order, plus ``latent
 | ``original_size``| int64 (2,): (H, W) of ``jpg`` (SDXL's size conditioning, datamodules/collate.py) |
 | ``crop_top_left``| int64 (2,): (top, left) of the crop scaled to the frame                    |
 
-The frame is (R, R), or with buckets the bucket nearest the image's aspect ratio (`nearest_bucket`, as the
+The frame is (R, R), or with buckets the bucket nearest the image's aspect ratio (`buckets.training_frame`, as the
 loader picks it). The crop is the deterministic evaluation window of that frame over *all* faces
 (`transforms.centre_window`), stored so the loader crops image and masks with the same window in both stages
 (stage 1 keeps one face, which would otherwise move the window). Training with ``data.cached_latents=true``
@@ -59,7 +59,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from datamodules.buckets import Bucket, nearest_bucket
+from datamodules.buckets import Bucket, training_frame
 from datamodules.schema import LATENT_KEY, CachedLatent, Sample, SampleError, decode_sample, encode_latent
 from datamodules.transforms import Window, centre_window, crop_window
 from src.conventions import uint8_to_unit, vae_latents
@@ -79,20 +79,11 @@ def _encode(vae: torch.nn.Module, images: list[np.ndarray], device: torch.device
     return vae_latents(vae, x).float().cpu().numpy()  # (b, C, h/f, w/f)
 
 
-def cache_frame(sample: Sample, resolution: int | None, buckets: Sequence[Bucket] | None) -> Bucket:
-    """The frame (h, w) a sample's latent is cached at: the bucket nearest its aspect ratio, else (R, R)."""
-    if buckets:
-        return nearest_bucket(*sample.image.shape[:2], buckets)
-    if resolution is None:
-        raise ValueError("cache_shard: give a resolution or buckets")
-    return resolution, resolution
-
-
 def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int | None, batch_size: int = 16,
                 device: str | torch.device = "cpu", buckets: Sequence[Bucket] | None = None) -> dict[str, int]:
     """Copy one shard to `out`, adding `latent.npz` to every decodable sample; returns counts.
 
-    Each sample is cropped with the deterministic window of its frame (`cache_frame`) and encoded in batches
+    Each sample is cropped with the deterministic window of its frame (`buckets.training_frame`) and encoded in batches
     of one frame; samples are written in the input order (a sample waits for its frame's batch)."""
     device = torch.device(device)
     scaling = float(vae.config.scaling_factor)
@@ -129,7 +120,7 @@ def cache_shard(url: str, out: Path, vae: torch.nn.Module, resolution: int | Non
                 counts["copied_without_latent"] += 1
                 write_ready()
                 continue
-            frame = cache_frame(sample, resolution, buckets)
+            frame = training_frame(*sample.image.shape[:2], resolution, buckets)
             window = centre_window(sample, frame)
             slot = [raw, False]  # False: latent not encoded yet
             slots.append(slot)

@@ -45,7 +45,7 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.buckets import Bucket, batch_by_bucket, nearest_bucket
+from datamodules.buckets import Bucket, batch_by_bucket, training_frame
 from datamodules.checks import check_arrays, latent_problem
 from datamodules.collate import collate_faces
 from datamodules.latents import size_conditioning
@@ -192,9 +192,9 @@ def select_faces(sample: Sample, keep: int) -> tuple[Sample, int]:
 
 
 def frame_of(sample: Sample, cfg: StreamConfig) -> Bucket:
-    """The training frame (h, w) of a sample: (resolution, resolution), or with buckets the bucket closest to
-    the image's aspect ratio."""
-    return nearest_bucket(*sample.image.shape[:2], cfg.buckets) if cfg.buckets else (cfg.resolution, cfg.resolution)
+    """The training frame (h, w) of a sample (`buckets.training_frame`): (resolution, resolution), or with
+    buckets the bucket closest to the image's aspect ratio."""
+    return training_frame(*sample.image.shape[:2], cfg.resolution, cfg.buckets)
 
 
 def sample_to_item(sample: Sample, cfg: StreamConfig, rng: np.random.Generator, training: bool) -> dict[str, Any]:
