@@ -5,6 +5,7 @@ import logging
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ class StageSwitch(L.Callback):
             )
         if trainer.datamodule is None or not hasattr(trainer.datamodule, "set_multi_id"):
             raise ValueError("StageSwitch needs a DataModule with set_multi_id()")
+        if type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy):
+            raise ValueError(f"StageSwitch supports the single-device and DDP strategies, not "
+                             f"{type(trainer.strategy).__name__}: train stage 1, then start stage 2 from its "
+                             "checkpoint (configs/stage2.yaml, model.init_from)")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -49,7 +54,14 @@ class StageSwitch(L.Callback):
             return
         log.info("stage switch at step %d: stage 1 -> stage 2", trainer.global_step)
         pl_module.configure_stage(2)
-        trainer.strategy.setup_optimizers(trainer)
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and strategy.model is not pl_module:
+            # DDP averages the gradients of the parameters that were trainable when it wrapped the module:
+            # wrap it again, so the new routers and multi-ID LoRA are averaged too and start from rank 0's
+            # values (DDP broadcasts them; each rank initialised its routers with its own seed).
+            strategy.model = pl_module
+            strategy.configure_ddp()
+        strategy.setup_optimizers(trainer)
         trainer.datamodule.set_multi_id(True, self.multi_id_shards)
         if trainer.is_global_zero:
             print(f"[stage switch] step {trainer.global_step}: now stage 2 (router + multi-ID LoRA)", flush=True)

@@ -68,3 +68,19 @@ def vae_latents(vae: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> the latents the UNet sees: posterior mode (deterministic) times the
     VAE's scaling factor, (B, C, H/f, W/f). Training and the latent cache both use this."""
     return vae.encode(image).latent_dist.mode() * vae.config.scaling_factor
+
+
+def checked_cached_latents(vae: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """A batch's cached `latents` (B, C, H/f, W/f) (`data.cached_latents`), after checking they are what
+    `vae_latents` would give for its `image` now: the same scaling factor and latent shape."""
+    latents, scaling = batch["latents"], batch["latent_scaling"].double().cpu()
+    expected = float(vae.config.scaling_factor)
+    if not torch.allclose(scaling, torch.full_like(scaling, expected)):
+        raise ValueError(f"cached latents were made with VAE scaling factor(s) {sorted(set(scaling.tolist()))}, "
+                         f"this model's VAE has {expected}: recache with this VAE (datamodules.latent_cache)")
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    want = (vae.config.latent_channels, batch["image"].shape[-2] // f, batch["image"].shape[-1] // f)
+    if tuple(latents.shape[1:]) != want:
+        raise ValueError(f"cached latents are {tuple(latents.shape[1:])} per image, this VAE makes {want} at "
+                         f"{tuple(batch['image'].shape[-2:])} px: recache with this VAE and resolution")
+    return latents

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from src.conventions import vae_latents
+from src.conventions import checked_cached_latents, vae_latents
 from src.models import adapters
 from src.models.adapters import MULTI, SINGLE
 from src.models.conditioning import TextConditioning, batch_added_conditions, encode_prompt
@@ -29,7 +29,7 @@ from src.models.id_embedding import IDEmbedding, QFormerSpec
 from src.models.identity_encoder import FeatureCache, IdentityEncoder
 from src.models.presets import ComponentPaths
 from src.models.router import routing_loss, schedule_tau
-from src.precision import adapters_to_float32, cast_frozen, frozen_autocast, parse_frozen_dtype
+from src.precision import adapters_to, cast_frozen, frozen_autocast, parse_frozen_dtype
 from src.probes import ProbesMixin
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         adapters.install_faceid_processors(self.unet, id_dim=cross_dim, num_tokens=qformer.num_queries,
                                            value_init="zero")
         adapters.add_lora(self.unet, SINGLE, rank=lora_rank)
-        adapters_to_float32(self.unet)
+        adapters_to(self.unet, torch.float32)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if channels_last:
@@ -183,9 +183,10 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
     def configure_stage(self, stage: int) -> None:
         """Set trainable parameters, the active LoRA and routers for `stage` (idempotent)."""
         if stage == 2 and not adapters.router_parameters(self.unet):
+            dtype = next(iter(adapters.faceid_parameters(self.unet).values())).dtype  # the adapters' dtype now
             adapters.add_routers(self.unet)
             adapters.add_lora(self.unet, MULTI, rank=self.hparams.lora_rank, init_from=SINGLE)
-            adapters_to_float32(self.unet)
+            adapters_to(self.unet, dtype)
             self.unet.to(self.device)
         if stage == 1:
             adapters.set_active_lora(self.unet, SINGLE)
@@ -317,6 +318,9 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def _sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None):
+        """Noise, timesteps and noisy latents, in fp32 whatever the latents' dtype: diffusers' `add_noise` works
+        in the latents' dtype, and in bf16 the first timesteps' noise levels round away (t = 0, 1: none at all)."""
+        latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         t = torch.randint(
             0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
@@ -329,17 +333,7 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         against this VAE's scaling factor and latent shape, else encoded from the images now."""
         if "latents" not in batch:
             return self.encode_images(batch["image"])
-        latents, scaling = batch["latents"], batch["latent_scaling"].double().cpu()
-        expected = float(self.vae.config.scaling_factor)
-        if not torch.allclose(scaling, torch.full_like(scaling, expected)):
-            raise ValueError(f"cached latents were made with VAE scaling factor(s) {sorted(set(scaling.tolist()))}, "
-                             f"this model's VAE has {expected}: recache with this VAE (datamodules.latent_cache)")
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        want = (self.vae.config.latent_channels, batch["image"].shape[-2] // f, batch["image"].shape[-1] // f)
-        if tuple(latents.shape[1:]) != want:
-            raise ValueError(f"cached latents are {tuple(latents.shape[1:])} per image, this VAE makes {want} at "
-                             f"{tuple(batch['image'].shape[-2:])} px: recache with this VAE and resolution")
-        return latents.to(self.device, self.vae.dtype)
+        return checked_cached_latents(self.vae, batch).to(self.device, self.vae.dtype)
 
     def shared_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         latents = self.batch_latents(batch)  # (B, 4, h, w)

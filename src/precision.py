@@ -29,24 +29,25 @@ def parse_frozen_dtype(name: str) -> torch.dtype:
 
 def cast_frozen(modules: Iterable[nn.Module], dtype: torch.dtype) -> None:
     """Cast the frozen base networks' floating parameters and buffers to `dtype`, in place (before the
-    adapters are installed: `adapters_to_float32` then lifts whatever copied the base dtype)."""
+    adapters are installed: `adapters_to` then lifts whatever copied the base dtype)."""
     if dtype == torch.float32:
         return
     for m in modules:
         m.to(dtype=dtype)
 
 
-def adapters_to_float32(unet: nn.Module) -> None:
-    """Every adapter parameter of `unet` (face-ID projections, LoRA sets, routers) in fp32, in place.
+def adapters_to(unet: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Every adapter parameter of `unet` (face-ID projections, LoRA sets, routers) in `dtype`, in place.
 
     `to_k_faceid` starts as a copy of the base `to_k`, and peft may create LoRA weights in the base layer's
-    dtype; trained weights must be fp32 whatever the frozen dtype."""
+    dtype; trained weights must be fp32 whatever the frozen dtype (or the dtype Lightning's precision made
+    the other adapters, for those added at the stage switch, e.g. fp64 under `64-true`)."""
     params = {**adapters.faceid_parameters(unet), **adapters.router_parameters(unet)}
     for name in adapters.lora_names(unet):
         params.update(adapters.lora_parameters(unet, name))
     for p in params.values():
-        if p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 @contextlib.contextmanager

@@ -199,6 +199,45 @@ def test_frozen_weights_in_bf16_keep_the_adapters_fp32_and_the_loss_close(tiny_w
         make_module(tiny_world, frozen_dtype="bf16")
 
 
+def test_noise_is_added_in_fp32_under_a_bf16_frozen_base(tiny_world):
+    """With bf16 latents (`frozen_dtype: bfloat16`), the noisy latents are still sqrt(a_t) x + sqrt(1 - a_t) e
+    computed in fp32: in bf16 the noise level of the first timesteps rounds away (t = 0, 1 returned x itself)."""
+    m = make_module(tiny_world, frozen_dtype="bfloat16")
+    latents = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    noise, t, noisy = m._sample_noise(latents, torch.Generator().manual_seed(1))
+    a = m.scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    want = a.sqrt() * latents.double() + (1 - a).sqrt() * noise.double()
+    assert noisy.dtype == noise.dtype == torch.float32
+    torch.testing.assert_close(noisy.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_adapters_added_at_the_stage_switch_take_the_other_adapters_dtype(tiny_world):
+    """The routers and multi-ID LoRA created by `configure_stage(2)` mid-run take the dtype the adapters have by
+    then, and the stage-1 adapters keep theirs: fp32 beside a bf16 frozen base, fp64 where Lightning's
+    `64-true` precision made the whole module double (the switch used to cast every adapter to fp32 there)."""
+    def adapter_params(m):
+        params = {**adapters.faceid_parameters(m.unet), **adapters.router_parameters(m.unet)}
+        for name in adapters.lora_names(m.unet):
+            params.update(adapters.lora_parameters(m.unet, name))
+        return params
+
+    bf16 = make_module(tiny_world, frozen_dtype="bfloat16")
+    bf16.configure_stage(2)
+    assert adapters.router_parameters(bf16.unet)
+    assert {p.dtype for p in adapter_params(bf16).values()} == {torch.float32}
+
+    m = make_module(tiny_world).double()
+    before = {k: v.detach().clone() for k, v in adapter_params(m).items()}
+    m.configure_stage(2)
+    after = adapter_params(m)
+    assert set(after) > set(before) and {p.dtype for p in after.values()} == {torch.float64}
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+             for k, v in batch_from(tiny_world, multi=True).items()}
+    out = m.shared_step(batch)  # the stage-2 forward runs in one dtype
+    assert out["loss"].dtype == torch.float64 and torch.isfinite(out["loss"])
+
+
 def test_stage1_untrained_adapter_is_the_base_model_and_training_reaches_every_part(tiny_world):
     """to_v_faceid starts at zero: the untrained model equals the base UNet exactly (own == other
     identity); after one optimizer step gradients reach the ID embedding and both projections."""

@@ -134,3 +134,16 @@ class KeyLog(L.Callback):
         self.dir.mkdir(parents=True, exist_ok=True)
         with (self.dir / f"keys-rank{trainer.global_rank}.jsonl").open("a") as f:
             f.write(json.dumps({"step": trainer.global_step, "keys": list(batch["key"])}) + "\n")
+
+
+class RankAdapters(L.Callback):
+    """At the end of training, save this rank's adapter weights (and its stage) to `<dir>/rank<r>.pt`: the
+    checkpoint holds rank 0's only, and DDP replicas must agree."""
+
+    def __init__(self, dir: str) -> None:
+        self.dir = Path(dir)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in pl_module.adapter_state_dict().items()}
+        torch.save({"stage": pl_module.stage, "state": state}, self.dir / f"rank{trainer.global_rank}.pt")

@@ -127,3 +127,31 @@ def test_ddp_two_cpu_processes_stage1_equals_single_process(tiny_world, tmp_path
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_stage2_equals_single_process(tiny_world, tmp_path):
     ddp_vs_single(tiny_world, tmp_path, multi=True, extra=["--model.init_from=null"])
+
+
+@pytest.mark.slow
+def test_ddp_stage_switch_keeps_the_replicas_in_step(tiny_world, tmp_path):
+    """StageSwitch in a 2-process DDP run: the routers and multi-ID LoRA created at the switch must be
+    registered with DDP (their gradients averaged) and start from rank 0's values, so both ranks end with the
+    same weights. Created after DDP wrapped the module, they would train apart on each rank's own data (the
+    routers' random init already differs: each rank has its own seed)."""
+    multi = str(tiny_world / "data" / "multi" / "train-{000000..000003}.tar")
+    cbs = callbacks_arg(("callbacks.stage_switch.StageSwitch", {"at_step": 2, "multi_id_shards": multi}),
+                        ("callbacks.reliability.ResumableRNG", {"seed": 0}),
+                        ("tests.reliability.helpers.KeyLog", {"dir": str(tmp_path / "keys")}),
+                        ("tests.reliability.helpers.RankAdapters", {"dir": str(tmp_path / "ranks")}))
+    done = run_cli([*fit_args(tiny_world, tmp_path / "ddp"), cbs, "--data.epoch_length=2", "--data.batch_size=2",
+                    "--trainer.max_steps=4", "--trainer.enable_checkpointing=false", "--trainer.strategy=ddp",
+                    "--trainer.devices=2", "--trainer.accelerator=cpu"], timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "now stage 2" in done.stdout
+    rows = {r: [json.loads(line) for line in (tmp_path / "keys" / f"keys-rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)}
+    assert [row["step"] for row in rows[0]] == [row["step"] for row in rows[1]] == [0, 1, 2, 3]
+    assert [row["keys"] for row in rows[0]] != [row["keys"] for row in rows[1]]  # the ranks' batches differ
+    r0, r1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["stage"] == r1["stage"] == 2
+    routed = [k for k in r0["state"] if "router" in k or "multi_id" in k]
+    assert routed and set(r0["state"]) == set(r1["state"])
+    for k, v in r0["state"].items():
+        assert torch.equal(r1["state"][k], v), f"{k} differs between the DDP ranks"
