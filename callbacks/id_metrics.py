@@ -126,7 +126,7 @@ class IdentityMetrics(L.Callback):
     def fixed_batch(self, trainer: L.Trainer) -> dict[str, Any] | None:
         if self._batch is None:
             dm = trainer.datamodule
-            first = next(iter(dm.preview_dataloader()), None) if hasattr(dm, "preview_dataloader") else None
+            first = dm.preview_batch() if hasattr(dm, "preview_batch") else None
             if first is None:  # no DataModule, or no sample
                 return None
             self._batch = slice_batch(first, self.num_images)  # of val_shards, else of the training shards

@@ -155,7 +155,7 @@ def short_layer_name(name: str) -> str:
 
 class RoutingMapLogger(L.Callback):
     """Every `every_n_steps` (stage 2), on a fixed batch (of `data.val_shards`, else of the training shards:
-    `FaceShardDataModule.preview_dataloader`): logs routing maps of the chosen
+    `FaceShardDataModule.preview_batch`): logs routing maps of the chosen
     layers next to the target face masks, and routing accuracy (share of face positions routed to the
     identity whose mask covers them) overall and per timestep band.
 
@@ -173,9 +173,9 @@ class RoutingMapLogger(L.Callback):
     def _fixed_batch(self, trainer, pl_module) -> dict[str, Any] | None:
         if self._batch is None:
             dm = trainer.datamodule
-            if dm is None or not hasattr(dm, "preview_dataloader"):
+            if dm is None or not hasattr(dm, "preview_batch"):
                 return None
-            self._batch = next(iter(dm.preview_dataloader()), None)  # val_shards, else the training shards
+            self._batch = dm.preview_batch()  # of val_shards, else of the training shards
             if self._batch is None:
                 return None
         return pl_module.transfer_batch_to_device(self._batch, pl_module.device, 0)

@@ -207,6 +207,10 @@ class FaceShardDataModule(pl.LightningDataModule):
                                    training=False)
         return make_loader(dataset, self.batch_size, 0, epoch_source=lambda: 0, pin_memory=self.pin_memory)
 
+    def preview_batch(self) -> dict[str, Any] | None:
+        """The first batch of `preview_dataloader()` (None when the shards hold no usable sample)."""
+        return next(iter(self.preview_dataloader()), None)
+
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Stage and data source, saved in checkpoints so a resumed run continues the same stage."""

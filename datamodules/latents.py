@@ -63,7 +63,7 @@ from datamodules.buckets import Bucket, training_frame
 from datamodules.schema import LATENT_KEY, CachedLatent, Sample, SampleError, decode_sample, encode_latent
 from datamodules.transforms import Window, centre_window, crop_window
 from src.conventions import uint8_to_unit, vae_latents
-from src.paths import write_json_atomic
+from src.paths import settings_diff, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,8 @@ def _load_manifest(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
         manifest["shards"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: unreadable latent cache manifest ({e}); remove it to start over") from e
-    changed = [k for k in CONTENT_SETTINGS if old.get(k) != settings[k]]
-    if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in changed)
+    diffs = settings_diff(old, settings, CONTENT_SETTINGS)
+    if diffs:
         raise ValueError(f"{path}: settings differ from the run that made this directory ({diffs}); use a new --out")
     if old.get("vae") != settings["vae"]:
         log.warning("%s: made with the VAE at %s, now %s (same scaling factor and channels: kept; use a new --out "

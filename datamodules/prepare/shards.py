@@ -14,6 +14,7 @@ import webdataset as wds
 from datamodules.prepare.config import LEGACY_SETTINGS, PrepareConfig, PrepareError
 from datamodules.prepare.image import REASONS, Outcome
 from datamodules.schema import encode_sample
+from src.paths import settings_diff
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -33,9 +34,8 @@ def load_manifest(out: Path, cfg: PrepareConfig) -> dict:
     except ValueError as e:
         raise PrepareError(f"{path}: unreadable manifest ({e}); remove it to start over") from e
     old, new = {**LEGACY_SETTINGS, **manifest.get("settings", {})}, cfg.content_settings()
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    diffs = settings_diff(old, new, sorted(set(old) | set(new)))
+    if diffs:
         raise PrepareError(f"{path}: settings differ from the run that made this directory ({diffs}); use a new --out")
     return manifest
 

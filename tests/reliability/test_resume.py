@@ -72,6 +72,7 @@ def check_resume(world: Path, tmp_path: Path, kill_step: int, max_steps: int, **
         torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-7, msg=k)
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         assert float(sa["step"]) == float(sb["step"])
+        torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=1e-4, atol=1e-9)
         torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-4, atol=1e-12)
     assert b["lr_schedulers"] == a["lr_schedulers"]
     assert [g["lr"] for g in b["optimizer_states"][0]["param_groups"]] == \
