@@ -125,6 +125,9 @@ class FaceShardDataModule(pl.LightningDataModule):
         self._train_urls = resolve_shards(self.train_shards)
         self._val_urls = resolve_shards(self.val_shards) if self.val_shards else None
         rank, world = self.rank_and_world()
+        if not self.resampled and world > 1:
+            log.warning("resampled=False on %d ranks: a rank whose shards hold fewer samples runs out of batches "
+                        "first and DDP waits on it at the epoch end; use resampled=True with epoch_length", world)
         if not self.resampled and len(self._train_urls) < world * max(1, self.num_workers):
             log.warning(
                 "%d train shard(s) for %d rank(s) x %d worker(s): some workers get no data; use more shards "
@@ -165,6 +168,7 @@ class FaceShardDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world,
             epoch_batches=self.epoch_length if training else None,
+            split_samples=not training,  # validation: every rank gets batches, however few the shards
             batch_size=self.batch_size,
             cached_latents=self.cached_latents,
             buckets=self.buckets,
@@ -223,11 +227,21 @@ class FaceShardDataModule(pl.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the stage and shard pattern of `state_dict()` (the next train_dataloader uses them)."""
+        """Restore the stage of `state_dict()` (the next train_dataloader uses it). The configured shard patterns
+        win (data moved to another mount, a new validation set), except the training shards of a stage the
+        run switched to (`StageSwitch`), which the configuration does not hold."""
         if "multi_id" not in state_dict or "train_shards" not in state_dict:
             raise KeyError(f"FaceShardDataModule state needs 'multi_id' and 'train_shards', got {sorted(state_dict)}")
-        self.train_shards = state_dict["train_shards"]
-        self.val_shards = state_dict.get("val_shards", self.val_shards)
+        saved = state_dict["train_shards"]
+        if bool(state_dict["multi_id"]) != self.multi_id:
+            log.info("resuming in the stage the run switched to (multi_id=%s): training shards %r from the "
+                     "checkpoint", bool(state_dict["multi_id"]), saved)
+            self.train_shards = saved
+        elif saved != self.train_shards:
+            log.info("training shards %r as configured (the checkpoint's run read %r)", self.train_shards, saved)
+        if state_dict.get("val_shards") != self.val_shards:
+            log.info("validation shards %r as configured (the checkpoint's run read %r)", self.val_shards,
+                     state_dict.get("val_shards"))
         self.max_faces = int(state_dict.get("max_faces", self.max_faces))
         self.seed = int(state_dict.get("seed", self.seed))
         self.multi_id = bool(state_dict["multi_id"])

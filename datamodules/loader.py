@@ -3,7 +3,9 @@
 Per worker, the stream is::
 
     shard URLs --(seeded shard shuffle, identical on every rank)--> split by rank --> split by worker
-      (or, resampled: an endless seeded draw of shards per rank and worker)
+      (or, resampled: an endless seeded draw of shards per rank and worker;
+       or, validation: split by worker only, then every rank keeps every world_size-th sample of its worker,
+       so each rank validates on its share however few the shards are)
     --> tar samples --> seeded shuffle buffer --> decode_sample --> face selection --> crop --> item
       (with buckets: --> per-bucket buffers --> batch of items)
 
@@ -121,6 +123,7 @@ class StreamConfig:
     rank: int = 0
     world_size: int = 1
     epoch_batches: int | None = None  # batches per epoch on this rank (None: until the shards run out)
+    split_samples: bool = False  # ranks share every shard and take every world_size-th sample (validation)
     batch_size: int = 1
     cache_per_identity: int = 4
     cache_identities: int = 1024
@@ -307,8 +310,9 @@ class FaceShardDataset(IterableDataset):
         urls = list(cfg.urls)
         if cfg.shuffle:  # the same permutation on every rank and worker, before splitting
             np.random.default_rng([cfg.seed, self.epoch, 3]).shuffle(urls)
-        # split by rank (captured at build time), then by the logical worker id
-        for url in islice(split_by_rank(urls, cfg.rank, cfg.world_size), worker, None, num_workers):
+        # split by rank (captured at build time; by sample instead: see __iter__), then by the logical worker id
+        by_rank = urls if cfg.split_samples else split_by_rank(urls, cfg.rank, cfg.world_size)
+        for url in islice(by_rank, worker, None, num_workers):
             yield {"url": url}
 
     def _samples(self, shards: Iterable[dict[str, str]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
@@ -356,6 +360,8 @@ class FaceShardDataset(IterableDataset):
         counter = SkipCounter(where)
         rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker, 11])
         raw: Iterable[dict[str, Any]] = self._samples(self._shards(worker, num_workers), counter)
+        if cfg.split_samples:  # every rank reads this worker's shards and keeps its own samples of them
+            raw = split_by_rank(raw, cfg.rank, cfg.world_size)
         if self.training and cfg.shuffle and cfg.shuffle_buffer > 1:
             raw = _seeded_shuffle(raw, cfg.shuffle_buffer, rng)
         items = _carry_tail_skips(self._items(raw, rng, counter, where), counter)

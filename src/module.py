@@ -19,6 +19,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
 
 from src.conventions import checked_cached_latents, vae_latents
 from src.models import adapters
@@ -172,6 +173,8 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
             self.unet.compile(backend=compile_backend, mode=compile_mode)  # in place: same state_dict keys
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+        # validation means, reduced over all ranks at the epoch end (a rank with no batch still takes part)
+        self.val_means = torch.nn.ModuleDict({"own": MeanMetric(), "other": MeanMetric()})
         self.stage = 0
         self.stage_start_step = 0  # global step at which the current stage began (Gumbel schedule)
         self.configure_stage(1)
@@ -394,9 +397,15 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
         own, other = self.identity_gap(batch, generator=g)  # (M,) each
-        if own.numel():
-            self.log_dict({"val/loss_own_id": own.mean(), "val/loss_other_id": other.mean()},
-                          batch_size=own.numel(), sync_dist=True)
+        self.val_means["own"].update(own)
+        self.val_means["other"].update(other)
+
+    def on_validation_epoch_end(self) -> None:
+        means = {f"val/loss_{k}_id": m.compute() for k, m in self.val_means.items()}  # every rank's samples
+        for m in self.val_means.values():
+            m.reset()
+        if all(torch.isfinite(v) for v in means.values()):  # NaN: no validation sample had an identity
+            self.log_dict(means, sync_dist=True)  # already equal on every rank
 
     # ------------------------------------------------------------------ public probes (callbacks use these)
     # identity_gap, identity_path_silent, probe_inputs, routing_maps: src/probes.py (ProbesMixin)

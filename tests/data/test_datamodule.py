@@ -212,6 +212,15 @@ def test_set_multi_id_and_state_dict_restore_the_stage(data: dict) -> None:
     with pytest.raises(FileNotFoundError, match="missing"):
         dm.set_multi_id(True, "/missing/train-{0..3}.tar")
 
+    # in the same stage, the configured shards win: data moved to another mount, a new validation set
+    moved = {**state, "train_shards": "/old/mount/train-{0..3}.tar", "val_shards": "/old/mount/val.tar"}
+    same = FaceShardDataModule(data["multi"], val_shards=data["val"], multi_id=True, resolution=RES, batch_size=4,
+                               num_workers=0)
+    same.load_state_dict(moved)
+    assert (same.train_shards, same.val_shards) == (data["multi"], data["val"])
+    same.setup("fit")
+    assert set(next(iter(same.train_dataloader()))["key"]) <= multi_keys and next(iter(same.val_dataloader()))
+
 
 def test_seeded_order_is_reproducible_and_reshuffled_per_epoch(data: dict) -> None:
     def run(seed: int, epochs: int = 1) -> list[list[str]]:

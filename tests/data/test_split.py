@@ -89,3 +89,20 @@ def test_split_follows_the_trainers_rank(shards: tuple[str, list[str]]) -> None:
         assert dm.rank_and_world() == (rank, WORLD)
         seen.append(epoch_keys(dm.train_dataloader()))
     assert sorted(seen[0] + seen[1]) == sorted(keys) and not set(seen[0]) & set(seen[1])
+
+
+def test_validation_splits_samples_so_every_rank_gets_some_of_one_shard(shards: tuple[str, list[str]]) -> None:
+    """A validation set of one shard on 2 ranks: each rank validates on every 2nd sample of it (split by shard,
+    rank 1 had no batch, and a DDP run hung at its first validation's metric sync)."""
+    pattern, keys = shards
+    one = resolve_shards(pattern)[0]
+    seen = []
+    for rank in range(WORLD):
+        dm = FaceShardDataModule(pattern, val_shards=one, resolution=32, batch_size=1, num_workers=WORKERS,
+                                 shuffle_buffer=4, seed=7)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=WORLD, current_epoch=0)
+        dm.setup("fit")
+        seen.append(epoch_keys(dm.val_dataloader()))
+    in_shard = [r["__key__"] for r in wds.tarfile_to_samples()([{"url": one}])]
+    assert all(seen) and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(in_shard)

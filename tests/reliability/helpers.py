@@ -137,8 +137,8 @@ class KeyLog(L.Callback):
 
 
 class RankAdapters(L.Callback):
-    """At the end of training, save this rank's adapter weights (and its stage) to `<dir>/rank<r>.pt`: the
-    checkpoint holds rank 0's only, and DDP replicas must agree."""
+    """At the end of training, save this rank's adapter weights, stage and logged metrics to `<dir>/rank<r>.pt`:
+    the checkpoint holds rank 0's only, and DDP replicas must agree."""
 
     def __init__(self, dir: str) -> None:
         self.dir = Path(dir)
@@ -146,4 +146,6 @@ class RankAdapters(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in pl_module.adapter_state_dict().items()}
-        torch.save({"stage": pl_module.stage, "state": state}, self.dir / f"rank{trainer.global_rank}.pt")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        torch.save({"stage": pl_module.stage, "state": state, "metrics": metrics},
+                   self.dir / f"rank{trainer.global_rank}.pt")

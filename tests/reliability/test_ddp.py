@@ -15,6 +15,7 @@ visible fraction of lr wherever a gradient element is near eps (seen: one router
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -130,19 +131,24 @@ def test_ddp_two_cpu_processes_stage2_equals_single_process(tiny_world, tmp_path
 
 
 @pytest.mark.slow
-def test_ddp_stage_switch_keeps_the_replicas_in_step(tiny_world, tmp_path):
+def test_ddp_stage_switch_keeps_the_replicas_in_step_and_validates_on_one_shard(tiny_world, tmp_path):
     """StageSwitch in a 2-process DDP run: the routers and multi-ID LoRA created at the switch must be
     registered with DDP (their gradients averaged) and start from rank 0's values, so both ranks end with the
     same weights. Created after DDP wrapped the module, they would train apart on each rank's own data (the
-    routers' random init already differs: each rank has its own seed)."""
+    routers' random init already differs: each rank has its own seed).
+
+    Validation reads one shard: both ranks take part (split by sample) and log the same all-rank means. Split
+    by shard, rank 1 had no batch and the run hung at the first validation's metric sync."""
     multi = str(tiny_world / "data" / "multi" / "train-{000000..000003}.tar")
+    heldout = tiny_world / "data" / "heldout" / "single_seen-000000.tar"
     cbs = callbacks_arg(("callbacks.stage_switch.StageSwitch", {"at_step": 2, "multi_id_shards": multi}),
                         ("callbacks.reliability.ResumableRNG", {"seed": 0}),
                         ("tests.reliability.helpers.KeyLog", {"dir": str(tmp_path / "keys")}),
                         ("tests.reliability.helpers.RankAdapters", {"dir": str(tmp_path / "ranks")}))
     done = run_cli([*fit_args(tiny_world, tmp_path / "ddp"), cbs, "--data.epoch_length=2", "--data.batch_size=2",
                     "--trainer.max_steps=4", "--trainer.enable_checkpointing=false", "--trainer.strategy=ddp",
-                    "--trainer.devices=2", "--trainer.accelerator=cpu"], timeout=400)
+                    "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.check_val_every_n_epoch=1",
+                    "--trainer.limit_val_batches=2", f"--data.val_shards={heldout}"], timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "now stage 2" in done.stdout
     rows = {r: [json.loads(line) for line in (tmp_path / "keys" / f"keys-rank{r}.jsonl").read_text().splitlines()]
@@ -155,3 +161,5 @@ def test_ddp_stage_switch_keeps_the_replicas_in_step(tiny_world, tmp_path):
     assert routed and set(r0["state"]) == set(r1["state"])
     for k, v in r0["state"].items():
         assert torch.equal(r1["state"][k], v), f"{k} differs between the DDP ranks"
+    for k in ("val/loss_own_id", "val/loss_other_id"):
+        assert r0["metrics"][k] == r1["metrics"][k] and math.isfinite(r0["metrics"][k]), k
