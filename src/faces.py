@@ -323,6 +323,19 @@ def crops_for(
     return recog, clip
 
 
+def same_size_crops(crops: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
+    """One person's already-aligned crops, uint8 (S, S, 3), stacked as one batch: each must be square (an
+    error names the file), and all are resized (bicubic) to the largest side."""
+    if not crops:
+        raise ValueError("no aligned face crop given for this person")
+    for crop, name in zip(crops, names):
+        if crop.shape[0] != crop.shape[1]:
+            raise ValueError(f"{name}: an aligned face crop is square, this is {crop.shape[1]}x{crop.shape[0]}")
+    side = max(c.shape[0] for c in crops)
+    return [c if c.shape[0] == side else np.asarray(Image.fromarray(c).resize((side, side), Image.BICUBIC))
+            for c in crops]
+
+
 def box_mask(h: int, w: int, box: np.ndarray | list[float]) -> np.ndarray:
     """uint8 (h, w) mask, 1 on the pixels covered by box ``[x0, y0, x1, y1]`` (clipped), else 0."""
     x0, y0, x1, y1 = (float(v) for v in box)

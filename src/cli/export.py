@@ -31,7 +31,8 @@ DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m src.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="our .ckpt (or its .safetensors export)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="our .ckpt (or its weights-only .safetensors form, "
+                   "src.inference.convert.export_checkpoint_safetensors)")
     p.add_argument("--components", type=Path, default=None,
                    help="YAML with model.components (base model etc.); default: the embedded tiny default")
     p.add_argument("--base-model", default=None, help="override components.base_model (diffusers directory)")

@@ -17,7 +17,9 @@ def add_weight_options(p: argparse.ArgumentParser) -> None:
     """--checkpoint, --released-faceid, --released-router, --dim-head, --components, --base-model, --fuse-lora,
     --device, --fp16."""
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="a checkpoint trained here (.ckpt or exported .safetensors); default: the newest "
+                   help="a checkpoint trained here (.ckpt, or its weights-only .safetensors form written by "
+                        "src.inference.convert.export_checkpoint_safetensors; uniportrait-export's files go to "
+                        "--released-faceid / --released-router); default: the newest "
                         f"last.ckpt under {DEFAULT_RUNS} when no released weights are given")
     p.add_argument("--released-faceid", type=Path, default=None,
                    help="released uniportrait-faceid_sd15.bin (or an exported uniportrait-faceid_sdxl.safetensors)")

@@ -8,8 +8,9 @@ Exported adapter files
 ----------------------
 SD1.5 keeps the released layout exactly: ``uniportrait-faceid_sd15.bin`` (+ ``uniportrait-router_sd15.bin``),
 plain tensor dicts, or their flattened ``.safetensors`` form without metadata (docs:
-shared/reference/official-checkpoints.md). A file without architecture metadata is SD1.5 (the released
-weights exist for SD1.5 only).
+shared/reference/official-checkpoints.md), except a ``dim_head`` entry when the Q-Former head width is not the
+released 64 (the heads split one weight matrix, so no shape tells it). A file without architecture metadata is
+SD1.5 (the released weights exist for SD1.5 only).
 
 SDXL uses the same sections and keys, always as ``.safetensors`` (the metadata names the architecture):
 ``uniportrait-faceid_sdxl.safetensors`` holds ``faceid_proj.<k>`` (the ID embedding) and
@@ -101,8 +102,11 @@ def file_metadata(path: str | Path) -> dict[str, str]:
         return {}
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable with safetensors (truncated or not this kind of file?): {err}") from err
 
 
 def released_arch(path: str | Path) -> str:

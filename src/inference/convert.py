@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -36,6 +37,8 @@ from src.models import adapters
 from src.models.adapters import MULTI, SINGLE
 from src.models.faceid_attention import FaceIDAttnProcessor
 from src.models.id_embedding import IDEmbedding
+
+T = TypeVar("T")
 
 __all__ = [
     "SINGLE",
@@ -81,7 +84,7 @@ def read_released(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     if not path.is_file():
         raise FileNotFoundError(f"released UniPortrait weights not found: {path}")
     if path.suffix == ".safetensors":
-        flat = load_file(str(path), device="cpu")
+        flat = _unreadable_is_an_error(path, "safetensors", lambda: load_file(str(path), device="cpu"))
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in flat.items():
             section, _, sub = key.partition(".")
@@ -89,10 +92,8 @@ def read_released(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
                 raise KeyError(f"{path}: unexpected key {key!r} (expected 'faceid_proj.<k>' or 'faceid_adapter.<k>')")
             out.setdefault(section, {})[sub] = value
         return out
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for code-executing pickles, anything else for junk
-        raise ValueError(f"{path}: refused or unreadable with torch.load(weights_only=True): {err}") from err
+    obj = _unreadable_is_an_error(path, "torch.load(weights_only=True)",  # a code-executing pickle is refused
+                                  lambda: torch.load(str(path), map_location="cpu", weights_only=True))
     if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
         raise ValueError(f"{path}: expected a dict of state dicts ('faceid_proj', 'faceid_adapter'), "
                          f"got {type(obj).__name__}")
@@ -296,7 +297,8 @@ def export_released(
     suffix writes the flattened form instead. `dtype` casts every floating tensor (the released files
     are float16: half the size of float32); None keeps the training dtype. Loading the files back with
     `load_released` is bit-exact (exact up to that cast when one is asked for). `metadata`: the
-    (face-ID file, router file) safetensors metadata (SDXL's architecture record, `src.inference.arch`);
+    (face-ID file, router file) safetensors metadata (SDXL's architecture record, `src.inference.arch`, or
+    an SD1.5 file's `dim_head`);
     it needs ``.safetensors`` paths. None writes no metadata: the released SD1.5 files.
     """
     if metadata is not None and any(Path(p).suffix != ".safetensors" for p in (faceid_path, router_path) if p):
@@ -364,8 +366,11 @@ def _split_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, 
         else:
             other.append(k)
     if other or not emb:
+        released = other and all(k.split(".", 1)[0] in ("faceid_proj", "faceid_adapter") for k in other)
+        hint = ": a released-layout file (what uniportrait-export writes): load it with --released-faceid / " \
+            "--released-router" if released else ""
         raise KeyError(f"{path}: not a UniPortrait adapter checkpoint (no 'identity.embedding.*' keys or unexpected "
-                       f"keys {other[:5]})")
+                       f"keys {other[:5]}){hint}")
     return emb, unet
 
 
@@ -374,6 +379,14 @@ def _rank_of(unet_sd: dict[str, torch.Tensor], path: Path) -> int:
         if ".lora_A." in k:
             return int(v.shape[0])
     raise KeyError(f"{path}: no LoRA weights (keys '*.lora_A.<adapter>.weight')")
+
+
+def _unreadable_is_an_error(path: Path, how: str, read: Callable[[], T]) -> T:
+    """`read()`, with any failure (a truncated or foreign file, a refused pickle) as a ValueError naming `path`."""
+    try:
+        return read()
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable with {how} (truncated or not this kind of file?): {err}") from err
 
 
 def read_checkpoint(path: str | Path) -> OurCheckpoint:
@@ -385,11 +398,15 @@ def read_checkpoint(path: str | Path) -> OurCheckpoint:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
-        state = load_file(str(path), device="cpu")
+        def read() -> tuple[dict, dict[str, torch.Tensor]]:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
+            return meta, load_file(str(path), device="cpu")
+
+        meta, state = _unreadable_is_an_error(path, "safetensors", read)
     else:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        ckpt = _unreadable_is_an_error(path, "torch.load(weights_only=True)",
+                                       lambda: torch.load(str(path), map_location="cpu", weights_only=True))
         if not isinstance(ckpt, dict) or _META_KEY not in ckpt:
             raise ValueError(f"{path}: not a UniPortrait checkpoint (no 'uniportrait' section)")
         hp = ckpt.get("hyper_parameters", {}) or {}

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from src.conventions import IDENTITY_COLOURS
-from src.faces import load_rgb
+from src.faces import load_rgb, same_size_crops
 from src.inference.pipeline import Identity, PipelineOutput
 
 # identity colours of the routing-map PNGs (identity n -> PALETTE[n % 16]); black = no identity
@@ -31,11 +31,14 @@ def read_identities(specs: list[tuple[str, str]]) -> list[Identity]:
     identities = []
     for kind, value in specs:
         files = [Path(v) for v in value.split(",") if v]
+        if not files:
+            raise ValueError(f"--{'face' if kind == 'photo' else 'face-crop'} {value!r}: no file named")
         images = [load_rgb(f) for f in files]
         if kind == "photo":
             identities.append(Identity(references=files))
-        else:
-            identities.append(Identity.from_crops([np.array(img) for img in images]))
+        else:  # square, one size per person
+            identities.append(Identity.from_crops(same_size_crops([np.array(img) for img in images],
+                                                                  [str(f) for f in files])))
     return identities
 
 

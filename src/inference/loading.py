@@ -12,6 +12,7 @@ here back out in the released layout.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from src.inference import arch, convert
 from src.inference.pipeline import UniPortraitPipeline
 from src.models import adapters
 from src.models.presets import ComponentPaths
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TINY = Path("artifacts/tiny")
 DEFAULT_RUNS = Path("runs/tiny")
@@ -120,7 +123,9 @@ def export_checkpoint(checkpoint: Path, components_yaml: Path | None, out: Path,
 
     `uniportrait-faceid_<arch>` holds the ID embedding, face-ID projections and single-ID LoRA; a stage-2
     checkpoint adds `uniportrait-router_<arch>` (routers, multi-ID LoRA). SD1.5: plain tensor dicts (`.bin`),
-    or the flattened `.safetensors` form, exactly the released layout. SDXL: always `.safetensors`, with the
+    or the flattened `.safetensors` form, exactly the released layout (the latter records a Q-Former head
+    width other than the released 64 as `dim_head` metadata; a `.bin` cannot: a warning gives the
+    `--dim-head` to load it with). SDXL: always `.safetensors`, with the
     metadata of `src.inference.arch` (architecture, cross_attention_dim, LoRA rank, tokens, Q-Former head width).
     `dtype` (e.g. torch.float16, as the released files) casts the weights. The base model fixes the
     architecture and the UNet's processor order, hence the keys.
@@ -134,9 +139,16 @@ def export_checkpoint(checkpoint: Path, components_yaml: Path | None, out: Path,
     faceid = out / f"{faceid_name}{suffix}"
     router = out / f"{router_name}{suffix}" if adapters.router_parameters(unet) else None  # a stage-2 checkpoint
     metadata = None
+    dim_head = int(ck.qformer.get("dim_head", 64))
     if sdxl:
         common = dict(cross_attention_dim=int(unet.config.cross_attention_dim), lora_rank=ck.lora_rank,
-                      num_tokens=embedding.num_queries, dim_head=int(ck.qformer.get("dim_head", 64)))
+                      num_tokens=embedding.num_queries, dim_head=dim_head)
         metadata = (arch.sdxl_metadata("faceid", **common), arch.sdxl_metadata("router", **common))
+    elif dim_head != 64 and suffix == ".safetensors":  # the released head width needs no record
+        metadata = ({"dim_head": str(dim_head)},) * 2
+    elif dim_head != 64:  # the heads split one weight matrix: a wrong width loads without error, differently
+        log.warning("%s: Q-Former head width %d is not the released 64, which a .bin cannot record: load these "
+                    "files with --dim-head %d (or export with --safetensors, which records it)", checkpoint,
+                    dim_head, dim_head)
     convert.export_released(unet, embedding, faceid, router, dtype=dtype, metadata=metadata)
     return [faceid] + ([router] if router is not None else [])

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from src.conventions import CLIP_CROP_SIZE
-from src.faces import NoFaceError, UnreadableImageError, crops_for, decode_rgb, largest_face
+from src.faces import NoFaceError, UnreadableImageError, crops_for, decode_rgb, largest_face, same_size_crops
 from src.inference.io import PALETTE, routing_colours
 from src.inference.loading import LoadedPipeline
 from src.inference.pipeline import SCHEDULERS, Identity, PipelineOutput
@@ -204,10 +204,7 @@ class Demo:
             raise ValueError(f"{who}: upload at least one photo")
         faces = [self.face(p, kind) for p in paths]
         if kind == CROPS:  # one person's crops are stacked: one size, the largest
-            side = max(f.recog.shape[0] for f in faces)
-            return Identity.from_crops([f.recog if f.recog.shape[0] == side else
-                                        np.asarray(Image.fromarray(f.recog).resize((side, side), Image.BICUBIC))
-                                        for f in faces])
+            return Identity.from_crops(same_size_crops([f.recog for f in faces], [f.name for f in faces]))
         return Identity.from_crops([f.recog for f in faces], [f.clip for f in faces])
 
     def preview(self, files: Any, kind: str, who: str = "person") -> tuple[list[GalleryItem], str]:

@@ -173,6 +173,39 @@ def test_code_executing_pickle_is_refused(tmp_path: Path) -> None:
         convert.load_released(path, None, unet, _fresh_embedding())
 
 
+@pytest.mark.parametrize("name", ["junk.ckpt", "junk.bin", "junk.safetensors", "cut.safetensors", "cut.ckpt"])
+def test_a_truncated_or_foreign_weight_file_is_an_error_naming_it(tmp_path: Path, name: str) -> None:
+    """Text saved under a weights name, or a real file cut short: both readers (released files, our checkpoints)
+    and the architecture check fail with a ValueError that starts with the path, not a bare library error."""
+    from src.inference import arch
+
+    path = tmp_path / name
+    if name.startswith("junk"):
+        path.write_text("not weights\n" * 20)
+    else:
+        whole = tmp_path / f"whole{path.suffix}"
+        tensors = {"faceid_proj.w": torch.ones(64, 64)}
+        if path.suffix == ".safetensors":
+            save_file(tensors, str(whole))
+        else:
+            torch.save({"uniportrait": {"stage": 1}, "state_dict": tensors}, whole)
+        path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    readers = [convert.read_checkpoint] if path.suffix == ".ckpt" else [convert.read_released, convert.read_checkpoint]
+    if path.suffix == ".safetensors":
+        readers.append(arch.released_arch)
+    for read in readers:
+        with pytest.raises(ValueError, match=f"^{path}: unreadable"):
+            read(path)
+
+
+def test_a_released_layout_file_given_as_our_checkpoint_says_which_option_takes_it(tmp_path: Path) -> None:
+    path = tmp_path / "uniportrait-faceid_sd15.safetensors"
+    save_file({"faceid_proj.proj_in.weight": torch.zeros(2, 2), "faceid_adapter.0.to_k_faceid.weight": torch.zeros(2)},
+              str(path))
+    with pytest.raises(KeyError, match="faceid_sd15.safetensors: not a UniPortrait adapter .*--released-faceid"):
+        convert.read_checkpoint(path)
+
+
 def test_safetensors_with_foreign_section_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "odd.safetensors"
     save_file({"image_proj.x": torch.zeros(1)}, str(path))

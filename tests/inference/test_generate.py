@@ -151,6 +151,35 @@ def test_non_image_input_is_an_error_naming_it_before_any_weights_load(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("case", ["not_square", "no_file"])
+def test_bad_face_crops_are_errors_naming_them_before_any_weights_load(
+    world: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the inputs were checked")
+
+    monkeypatch.setattr(generate, "load_weights", must_not_load)
+    wide = tmp_path / "wide_crop.png"
+    Image.fromarray(np.zeros((90, 112, 3), np.uint8)).save(wide)
+    spec, message = {"not_square": (str(wide), "wide_crop.png: an aligned face crop is square, this is 112x90"),
+                     "no_file": (",", "--face-crop ',': no file named")}[case]
+    with pytest.raises(SystemExit) as info:
+        generate.main(_base_args(world, tmp_path / "o") + ["--face-crop", spec])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_one_persons_crops_of_different_sizes_are_stacked_at_the_largest(world: dict, tmp_path: Path) -> None:
+    from src.inference.io import read_identities
+
+    small = tmp_path / "small.png"
+    Image.open(world["crops"][1]).resize((96, 96), Image.BICUBIC).save(small)
+    (person,) = read_identities([("crop", f"{world['crops'][0]},{small}")])
+    recog, _ = person.crops
+    side = load_rgb(world["crops"][0]).shape[0]
+    assert tuple(recog.shape) == (2, 3, side, side)
+    assert torch.equal(recog[0], uint8_to_unit(load_rgb(world["crops"][0])))
+
+
 def test_components_yaml_forms(world: dict, tmp_path: Path) -> None:
     cfg = yaml.safe_load(world["config"].read_text())["model"]["components"]
     plain = tmp_path / "plain.yaml"
