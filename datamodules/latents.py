@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ from datamodules.buckets import Bucket, training_frame
 from datamodules.schema import LATENT_KEY, CachedLatent, Sample, SampleError, decode_sample, encode_latent
 from datamodules.transforms import Window, centre_window, crop_window
 from src.conventions import uint8_to_unit, vae_latents
-from src.paths import settings_diff, write_json_atomic
+from src.paths import is_local, settings_diff, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,19 @@ def _load_manifest(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def shard_source(url: str) -> dict[str, Any]:
+    """What tells one input shard from another of the same file name, wherever it is mounted: a local tar's
+    size and first member's name (a remote one's URL)."""
+    if not is_local(url) or not Path(url).is_file():
+        return {"url": url}
+    try:
+        with tarfile.open(url) as tar:
+            first = tar.next()
+    except tarfile.TarError:  # unreadable: caching it reports that; its size still tells it apart
+        first = None
+    return {"bytes": Path(url).stat().st_size, "first_member": first.name if first else None}
+
+
 def cache_shards(urls: Sequence[str], out_dir: Path, vae_path: str | Path, resolution: int | None,
                  buckets: Sequence[Bucket] | None = None, batch_size: int = 16, device: str = "cpu",
                  progress: bool = True, distributor: str = "local", ray_address: str | None = None,
@@ -194,13 +208,18 @@ def cache_shards(urls: Sequence[str], out_dir: Path, vae_path: str | Path, resol
     config = AutoencoderKL.load_config(vae_dir(vae_path), local_files_only=True)
     manifest = _load_manifest(out_dir, cache_settings(config, vae_path, resolution, buckets))
     done = {n for n in manifest["shards"] if n in names and (out_dir / n).is_file()}
+    for n in sorted(done):
+        saved, now = manifest["shards"][n].get("source"), shard_source(names[n])
+        if saved is not None and saved != now:
+            raise ValueError(f"{out_dir / n}: cached from another input of that name ({saved}; {names[n]} is now "
+                             f"{now}): use a new --out, or delete that shard and rerun")
     if done:
         log.info("%s: %d of %d shard(s) already cached (listed in %s): skipped", out_dir, len(done), len(urls),
                  MANIFEST)
     todo = [u for u in urls if Path(u).name not in done]
 
     def record(url: str, counts: dict[str, int]) -> None:
-        manifest["shards"][Path(url).name] = counts
+        manifest["shards"][Path(url).name] = {**counts, "source": shard_source(url)}
         write_json_atomic(out_dir / MANIFEST, manifest)  # after the shard's rename: a listed shard is whole
 
     with tqdm(total=len(todo), desc="caching latents", unit="shard", disable=not progress) as bar:

@@ -306,6 +306,16 @@ def test_an_interrupted_cache_resumes_to_the_same_bytes_and_refuses_other_settin
     assert resumed == {**full, "written": 1, "skipped": 1}
     assert same_files(tmp_path / "part", two_shards["full_dir"])
 
+    # another input under a cached shard's name (another dataset, re-prepared data) is refused, not skipped
+    (tmp_path / "renamed").mkdir()
+    shutil.copy(two_shards["in"] / "single_seen-000000.tar", tmp_path / "renamed" / "multi_seen-000000.tar")
+    with pytest.raises(SystemExit, match=r"part/multi_seen-000000.tar: cached from another input of that name"):
+        main(["--shards", str(tmp_path / "renamed"), *args[2:], "--resolution", "64", "--out", str(tmp_path / "part")])
+    moved = tmp_path / "moved"
+    shutil.copytree(two_shards["in"], moved)  # the same shards on another mount: still cached
+    assert main(["--shards", str(moved), *args[2:], "--resolution", "64", "--out", str(tmp_path / "part")]) == \
+        {**full, "written": 0, "skipped": 2}
+
     with pytest.raises(SystemExit, match=r"frames: \[\[64, 64\]\] -> \[\[48, 80\]\]\); use a new --out"):
         main(args + ["--buckets", "48x80", "--out", str(tmp_path / "part")])
     (tmp_path / "other").mkdir()
