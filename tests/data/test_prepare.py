@@ -158,6 +158,24 @@ def test_wds_counts_captions_and_resolution(wds_run):
         check_sample_geometry(s)
 
 
+def test_a_truncated_wds_tar_keeps_what_it_read_and_counts_the_rest_as_dropped(tmp_path, caplog):
+    """A partly downloaded img2dataset tar (cut in the middle) beside a whole one: the run goes on;
+    the damaged tar's readable samples are kept and the damage is one counted, logged `unreadable` input."""
+    whole = fixtures.make_img2dataset_tar(tmp_path / "in/00001.tar", start=100)
+    fixtures.make_img2dataset_tar(tmp_path / "full.tar")
+    data = (tmp_path / "full.tar").read_bytes()
+    (tmp_path / "in/00000.tar").write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING"):
+        manifest = prep_main(["--input", str(tmp_path / "in"), "--format", "wds", "--out", str(tmp_path / "out"),
+                              "--resolution-max", "200", "--min-face-size", "20"])
+    assert "00000.tar: unreadable tar" in caplog.text
+    kept = sorted(s.source for s in read_all(tmp_path / "out", manifest).values())
+    assert [k for k in kept if k.startswith("00001.tar")] == \
+        sorted(f"00001.tar/{k}" for k, e in whole.items() if e["outcome"] == "kept")
+    assert any(k.startswith("00000.tar/") for k in kept)  # what the damaged tar held before the cut
+    assert manifest["dropped"]["unreadable"] == expected_drops([e["outcome"] for e in whole.values()])["unreadable"] + 1
+
+
 def test_resolve_tars_patterns(tmp_path):
     for i in range(3):
         (tmp_path / f"{i:05d}.tar").write_bytes(b"")

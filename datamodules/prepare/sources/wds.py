@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import re
 import tarfile
 from collections.abc import Callable, Iterator
@@ -17,6 +18,8 @@ from datamodules.prepare.sources import SourceItem
 from src.faces import UnreadableImageError, decode_rgb
 
 WDS_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+
+log = logging.getLogger(__name__)
 
 
 def resolve_tars(spec: str) -> list[Path]:
@@ -85,15 +88,26 @@ def _wds_reader(data: bytes | None, source: str) -> Callable[[], np.ndarray]:
     return partial(_wds_read, data, source)
 
 
+def _unreadable(message: str) -> np.ndarray:
+    raise UnreadableImageError(message)
+
+
 def iter_wds(spec: str) -> Iterator[SourceItem]:
-    """Stream img2dataset-style samples from tar shards, in file then member order."""
+    """Stream img2dataset-style samples from tar shards, in file then member order. A tar that cannot be read
+    to its end (a truncated download) keeps the samples before the damage and adds one input that reads as
+    unreadable, so the run counts and logs it as a dropped input and goes on."""
     for tar_path in resolve_tars(spec):
-        for key, group in _tar_groups(tar_path):
-            data = next((group[e] for e in WDS_IMAGE_FIELDS if e in group), None)
-            source = f"{tar_path.name}/{key}"
-            yield SourceItem(
-                key=source,
-                read=_wds_reader(data, f"{tar_path}:{key}"),
-                text=_wds_text(group),
-                caption_keys=(key, source),
-            )
+        try:
+            for key, group in _tar_groups(tar_path):
+                data = next((group[e] for e in WDS_IMAGE_FIELDS if e in group), None)
+                source = f"{tar_path.name}/{key}"
+                yield SourceItem(
+                    key=source,
+                    read=_wds_reader(data, f"{tar_path}:{key}"),
+                    text=_wds_text(group),
+                    caption_keys=(key, source),
+                )
+        except PrepareError as err:
+            log.warning("%s: the samples after the damage are lost; the run goes on", err)
+            yield SourceItem(key=f"{tar_path.name}/<unreadable tar>",
+                             read=partial(_unreadable, f"{err}: the samples after the damage are lost"))
