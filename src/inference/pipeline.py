@@ -32,6 +32,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
 )
+from peft.tuners.lora import LoraLayer
 from PIL import Image
 
 from src.conventions import CLIP_CROP_SIZE, uint8_to_unit
@@ -167,6 +168,7 @@ class UniPortraitPipeline:
         self._detector: FaceDetector | None = None
         self._fuse = False
         self._fused: str | None = None
+        self._unmerged: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (LoRA base weight, its copy)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -241,6 +243,8 @@ class UniPortraitPipeline:
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> UniPortraitPipeline:
         """Move every network (and cast to `dtype` when given)."""
+        self._unfuse()  # the next call merges again, into the moved weights
+        self._unmerged = None
         self.pipe.to(device=device, dtype=dtype)
         self.identity.to(device=device, dtype=dtype)
         return self
@@ -248,16 +252,21 @@ class UniPortraitPipeline:
     def fuse_lora(self, enabled: bool = True) -> None:
         """Merge the active LoRA into the base weights for each call (faster steps; peft merge).
 
-        The merged adapter is swapped (unmerge + merge) when a call needs the other one.
-        `enabled=False` unmerges and goes back to the separate LoRA branch.
+        The merged adapter is swapped (unmerge + merge) when a call needs the other one. Unmerging restores
+        the base weights from a copy kept on the CPU (subtracting the merged LoRA again would leave rounding
+        behind at every swap, which a long-running server accumulates). `enabled=False` unmerges and goes back
+        to the separate LoRA branch.
         """
         self._fuse = enabled
         if not enabled:
             self._unfuse()
+            self._unmerged = None
 
     def _unfuse(self) -> None:
         if self._fused is not None:
             self.pipe.unet.unfuse_lora()
+            for weight, copy in self._unmerged or ():
+                weight.copy_(copy)  # the exact unmerged weights
             self._fused = None
 
     def activate_lora(self, name: str | None) -> None:
@@ -267,6 +276,9 @@ class UniPortraitPipeline:
         self._unfuse()
         adapters.set_active_lora(self.pipe.unet, name)
         if self._fuse and name is not None:
+            if self._unmerged is None:
+                weights = [m.get_base_layer().weight.data for m in self.pipe.unet.modules() if isinstance(m, LoraLayer)]
+                self._unmerged = [(w, w.detach().to("cpu", copy=True)) for w in weights]
             self.pipe.unet.fuse_lora(adapter_names=[name])
             self._fused = name
 

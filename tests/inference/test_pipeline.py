@@ -261,6 +261,22 @@ def test_fused_lora_matches_unfused(pipe: UniPortraitPipeline) -> None:
     assert np.array_equal(image_array(again.images), image_array(plain_single.images))  # unfused exactly again
 
 
+def test_swapping_the_fused_lora_many_times_leaves_the_base_weights_exact(pipe: UniPortraitPipeline) -> None:
+    """A server alternating one- and two-person requests with `--fuse-lora` swaps the merged LoRA every call:
+    the base weights must come back bit for bit (unmerging by subtraction left rounding behind each time)."""
+    base = {k: v.clone() for k, v in pipe.pipe.unet.state_dict().items() if "base_layer" in k}
+    assert base
+    pipe.fuse_lora(True)
+    try:
+        for i in range(20):
+            pipe.activate_lora("multi_id" if i % 2 else "single_id")
+        assert pipe._fused == "multi_id"
+    finally:
+        pipe.fuse_lora(False)
+    after = pipe.pipe.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+
+
 def test_controlnet_pipeline_runs_with_the_adapters(world: dict) -> None:
     nets = world["paths"].build()
     torch.manual_seed(0)
