@@ -71,11 +71,16 @@ def default_checkpoint(runs: Path = DEFAULT_RUNS) -> Path:
 
 
 def check_weights(checkpoint: Path | None, released_faceid: Path | None, released_router: Path | None) -> None:
-    """A checkpoint trained here or the released weights, not both; the released router only with its faceid file."""
+    """A checkpoint trained here or the released weights, not both; the released router only with its faceid file;
+    every file given exists."""
     if released_faceid is not None and checkpoint is not None:
         raise ValueError("give either --checkpoint or --released-faceid, not both")
     if released_router is not None and released_faceid is None:
         raise ValueError("--released-router needs --released-faceid")
+    for flag, path in (("--checkpoint", checkpoint), ("--released-faceid", released_faceid),
+                       ("--released-router", released_router)):
+        if path is not None and not Path(path).is_file():  # before any network is built
+            raise FileNotFoundError(f"{flag} {path}: no such file")
 
 
 @dataclass

@@ -180,6 +180,22 @@ def test_one_persons_crops_of_different_sizes_are_stacked_at_the_largest(world: 
     assert torch.equal(recog[0], uint8_to_unit(load_rgb(world["crops"][0])))
 
 
+def test_a_missing_router_file_is_named_before_any_network_is_built(
+    world: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from src.models.presets import ComponentPaths
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the networks were built before the weight files were checked")
+
+    monkeypatch.setattr(ComponentPaths, "build", must_not_build)
+    args = _base_args(world, tmp_path / "o")
+    args[args.index("--released-router") + 1] = str(tmp_path / "typo_router.bin")
+    with pytest.raises(SystemExit) as info:
+        generate.main(args + ["--face-crop", str(world["crops"][0]), "--face-crop", str(world["crops"][1])])
+    assert info.value.code == 2 and "--released-router" in (err := capsys.readouterr().err) and "typo_router.bin" in err
+
+
 def test_components_yaml_forms(world: dict, tmp_path: Path) -> None:
     cfg = yaml.safe_load(world["config"].read_text())["model"]["components"]
     plain = tmp_path / "plain.yaml"
