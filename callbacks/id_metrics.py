@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from src.conventions import to_clip_pixels, uint8_to_unit
-from src.metrics import ClipScore, FaceSimilarity, MultiIdentityMetrics, RoutingAccuracy, multi_id_score
+from src.metrics import RANK_LOCAL, ClipScore, FaceSimilarity, MultiIdentityMetrics, RoutingAccuracy, multi_id_score
 from src.metrics.face import as_reference_matrix, image_face_score, images_to_uint8
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class IdentityMetrics(L.Callback):
         self._recognizer: Any = None
         self._clip: tuple[nn.Module, Any, str] | None = None
         self.last: dict[str, float] = {}
+        self._measured_at: int | None = None
 
     # ------------------------------------------------------------------ lazily built parts
     def fixed_batch(self, trainer: L.Trainer) -> dict[str, Any] | None:
@@ -181,10 +182,10 @@ class IdentityMetrics(L.Callback):
                                          seed=self.seed)["images"].cpu()  # (B, 3, H, W)
         rec = self.recognizer(pl_module, int(images.shape[-1]))
         valid = batch["face_valid"].cpu()  # (B, N)
-        face = FaceSimilarity(rec)
-        multi = MultiIdentityMetrics() if is_multi_id(batch) else None
+        face = FaceSimilarity(rec, **RANK_LOCAL)
+        multi = MultiIdentityMetrics(**RANK_LOCAL) if is_multi_id(batch) else None
         model, preprocess, clip_key = self.clip(pl_module)
-        clip = ClipScore(model, preprocess)
+        clip = ClipScore(model, preprocess, **RANK_LOCAL)
         for b, array in enumerate(images_to_uint8(images)):
             slots = valid[b].nonzero().flatten().tolist()
             refs = [self.reference_embedding(rec, batch["face_recog"][b, n]) for n in slots]
@@ -209,7 +210,7 @@ class IdentityMetrics(L.Callback):
 
     def routing_accuracy(self, pl_module: L.LightningModule, batch: dict[str, Any]) -> float:
         """Routing accuracy (all layers, ROUTING_TIMESTEPS) from the module's public routing_maps()."""
-        metric = RoutingAccuracy()
+        metric = RoutingAccuracy(**RANK_LOCAL)
         inputs = pl_module.probe_inputs(batch)  # shared by the forwards of every timestep
         for t in ROUTING_TIMESTEPS:
             out = pl_module.routing_maps(batch, t, seed=self.seed, inputs=inputs)
@@ -221,6 +222,9 @@ class IdentityMetrics(L.Callback):
                            batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps != 0 or not trainer.is_global_zero:
             return
+        if trainer.global_step == self._measured_at:  # accumulated batches of one optimizer step: once
+            return
+        self._measured_at = trainer.global_step
         fixed = self.fixed_batch(trainer)
         if fixed is None:
             return

@@ -15,7 +15,7 @@ from torchvision.utils import make_grid
 
 from callbacks.training_report import heldout_batches, report_path, write_report
 from src.conventions import IDENTITY_COLOURS
-from src.metrics import RoutingAccuracy
+from src.metrics import RANK_LOCAL, RoutingAccuracy
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ class RoutingMapLogger(L.Callback):
         self.every_n_steps, self.layers, self.num_images = every_n_steps, layers, num_images
         self.band_samples, self.seed = band_samples, seed
         self._batch: dict[str, Any] | None = None
+        self._measured_at: int | None = None
 
     def _fixed_batch(self, trainer, pl_module) -> dict[str, Any] | None:
         if self._batch is None:
@@ -181,7 +182,7 @@ class RoutingMapLogger(L.Callback):
         return pl_module.transfer_batch_to_device(self._batch, pl_module.device, 0)
 
     def evaluate(self, pl_module, batch) -> tuple[dict[str, float], dict[str, Any]]:
-        metric = RoutingAccuracy()
+        metric = RoutingAccuracy(**RANK_LOCAL)
         g = torch.Generator().manual_seed(self.seed)
         mid = None
         inputs = pl_module.probe_inputs(batch)  # shared by every forward below
@@ -201,6 +202,9 @@ class RoutingMapLogger(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.stage != 2 or trainer.global_step % self.every_n_steps != 0 or not trainer.is_global_zero:
             return
+        if trainer.global_step == self._measured_at:  # accumulated batches of one optimizer step: once
+            return
+        self._measured_at = trainer.global_step
         fixed = self._fixed_batch(trainer, pl_module)
         if fixed is None:
             return
@@ -297,13 +301,13 @@ class RoutingAccuracyReport(L.Callback):
                         out = pl_module.routing_maps(batch, t, seed=self.seed + k, inputs=inputs)
                         for n in n_faces.unique().tolist():
                             sel = n_faces == n
-                            m = metrics.setdefault(int(n), RoutingAccuracy())
+                            m = metrics.setdefault(int(n), RoutingAccuracy(**RANK_LOCAL))
                             for layer, hard in zip(out["names"], out["hard"]):
                                 args = (hard.cpu()[sel], out["masks"].cpu()[sel], out["valid"].cpu()[sel],
                                         torch.full((int(sel.sum()),), t))
                                 m.update(*args)
                                 key = (int(n), f"{short_layer_name(layer)}@{hard.shape[-2]}x{hard.shape[-1]}")
-                                per_layer.setdefault(key, RoutingAccuracy()).update(*args)
+                                per_layer.setdefault(key, RoutingAccuracy(**RANK_LOCAL)).update(*args)
             for n, m in sorted(metrics.items()):
                 results[f"{name}/{n}faces"] = {k: float(v) for k, v in m.compute().items()}
             for (n, layer), m in per_layer.items():

@@ -4,7 +4,8 @@ Three rules turn a config file into the plain config LightningCLI validates agai
 signatures (`resolve_config`):
 
 1. `inherits: PATH` (relative to the file) names the config this one builds on; the chain is merged
-   with OmegaConf: mappings merge key by key, lists and scalars are replaced.
+   with OmegaConf: mappings merge key by key, lists and scalars are replaced; a `class_path` that changes
+   starts from no `init_args` (those of the parent's class are dropped).
 2. `trainer.callbacks` may be a mapping of names to callbacks (`checkpoint: {class_path: ...}`), so a
    stage config adds one callback, changes one argument of another (`checkpoint: {init_args: {...}}`)
    or drops one (`identity_probe: null`) without repeating the list. After the merge the mapping
@@ -39,12 +40,27 @@ def _load(path: Path, seen: tuple[Path, ...]) -> tuple[Any, list[Path]]:
     if parent is None:
         return OmegaConf.create(cfg), [path]
     base, chain = _load((path.parent / parent).resolve(), seen + (path,))
+    _replace_changed_classes(base, cfg)
     try:
         return OmegaConf.merge(base, OmegaConf.create(cfg)), chain + [path]
     except (OmegaConfBaseException, TypeError) as e:  # e.g. a callbacks list merged onto named callbacks
         key = getattr(e, "full_key", None) or "?"
         raise ValueError(f"config {path} does not merge onto {chain[-1]} (key {key}): {e} (a list replaces a "
                          "list, a mapping merges into a mapping)") from e
+
+
+def _replace_changed_classes(base: Any, child: dict) -> None:
+    """Where `child` names another `class_path` than `base` at the same key, drop `base`'s `init_args` there
+    (in place): the arguments of one class are not the arguments of another (AdamW's `fused` and
+    `weight_decay` would reach an Adam, or be refused by an RAdam)."""
+    for key, value in child.items():
+        if not isinstance(value, dict) or key not in base or not OmegaConf.is_dict(base[key]):
+            continue
+        old = base[key]
+        if "class_path" in value and "class_path" in old and value["class_path"] != old["class_path"] \
+                and "init_args" in old:
+            del old["init_args"]
+        _replace_changed_classes(old, value)
 
 
 def callbacks_list(callbacks: Any, where: Path) -> list[dict[str, Any]]:
@@ -79,14 +95,14 @@ def resolve_config(path: str | Path) -> dict[str, Any]:
 
 
 def expand_config_args(args: list[str], tmpdir: str) -> list[str]:
-    """Replace each `--config FILE` by its resolved config (`resolve_config`), written to `tmpdir`."""
+    """Replace each `--config FILE` (or `-c FILE`) by its resolved config (`resolve_config`), written to `tmpdir`."""
     out, i = [], 0
     while i < len(args):
         a = args[i]
         value = None
-        if a == "--config" and i + 1 < len(args):
+        if a in ("--config", "-c") and i + 1 < len(args):
             value, i = args[i + 1], i + 2
-        elif a.startswith("--config="):
+        elif a.startswith(("--config=", "-c=")):
             value, i = a.split("=", 1)[1], i + 1
         else:
             out.append(a)

@@ -75,3 +75,26 @@ def test_inheritance_cycles_name_the_files(tmp_path):
     _write(tmp_path / "b.yaml", {"inherits": "a.yaml"})
     with pytest.raises(ValueError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
         resolve_config(tmp_path / "a.yaml")
+
+
+def test_a_child_that_changes_a_class_path_starts_from_its_own_arguments(tmp_path):
+    """stage1.yaml's optimizer is AdamW with weight_decay and fused: a child switching to RAdam must not inherit
+    them (RAdam refuses `fused`; Adam would read weight_decay as L2); a child keeping AdamW keeps them."""
+    base = resolve_config(CONFIGS / "stage1.yaml")["model"]["optimizer"]
+    assert base["class_path"] == "torch.optim.AdamW" and "fused" in base["init_args"]
+    radam = _write(tmp_path / "radam.yaml", {"inherits": str(CONFIGS / "stage1.yaml"), "model": {"optimizer": {
+        "class_path": "torch.optim.RAdam", "init_args": {"betas": [0.9, 0.99]}}}})
+    assert resolve_config(radam)["model"]["optimizer"] == {"class_path": "torch.optim.RAdam",
+                                                           "init_args": {"betas": [0.9, 0.99]}}
+    same = _write(tmp_path / "same.yaml", {"inherits": str(CONFIGS / "stage1.yaml"), "model": {"optimizer": {
+        "class_path": "torch.optim.AdamW", "init_args": {"betas": [0.9, 0.99]}}}})
+    assert resolve_config(same)["model"]["optimizer"]["init_args"] == {**base["init_args"], "betas": [0.9, 0.99]}
+
+
+def test_the_short_config_flag_resolves_inheritance_too(tmp_path):
+    from src.config import expand_config_args
+
+    for args in (["-c", str(CONFIGS / "stage2.yaml")], [f"-c={CONFIGS / 'stage2.yaml'}"]):
+        out = expand_config_args(["fit", *args], str(tmp_path))
+        assert out[:2] == ["fit", "--config"]
+        assert yaml.safe_load(Path(out[2]).read_text()) == resolve_config(CONFIGS / "stage2.yaml")

@@ -124,3 +124,21 @@ def test_saved_picture_has_a_title_band_above_its_columns(tmp_path: Path):
     assert header >= 10 and arr.shape[1] == label_w + panel.shape[2] * scale
     assert_titled_band(arr[:header, label_w:], GRID_PADDING * scale, (SIZE + GRID_PADDING) * scale, SIZE * scale,
                        len(columns))
+
+
+def test_the_metric_callbacks_measure_once_per_optimizer_step_under_gradient_accumulation(monkeypatch) -> None:
+    """With `accumulate_grad_batches: 4`, `on_train_batch_end` sees each global step four times: the routing maps
+    and the identity metrics are measured once per interval, not four times."""
+    from callbacks.id_metrics import IdentityMetrics
+
+    calls: list[str] = []
+    logger = RoutingMapLogger(every_n_steps=2)
+    monkeypatch.setattr(logger, "_fixed_batch", lambda trainer, module: calls.append("routing"))
+    metrics = IdentityMetrics(every_n_steps=2)
+    monkeypatch.setattr(metrics, "fixed_batch", lambda trainer: calls.append("identity"))
+    module = SimpleNamespace(stage=2)
+    for step in (0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2):
+        trainer = SimpleNamespace(global_step=step, is_global_zero=True)
+        logger.on_train_batch_end(trainer, module, None, None, 0)
+        metrics.on_train_batch_end(trainer, module, None, None, 0)
+    assert calls == ["routing", "identity"] * 2  # steps 0 and 2

@@ -184,7 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
            "scheduler": a.scheduler, "negative_prompt": a.negative_prompt, "seed": a.seed}
     model_key = {"checkpoint": model_fingerprint(a.checkpoint), "released_faceid": model_fingerprint(a.released_faceid),
                  "released_router": model_fingerprint(a.released_router), "base_model": str(comps.base_model),
-                 "world": a.world}
+                 "world": a.world, "dim_head": a.dim_head,  # the generator's identity inputs too:
+                 "references": [model_fingerprint(p) for _, _, p, _ in photos] if photos else None}
     tag = generation_tag({**gen, **model_key})
     root = a.out / "images" / tag
     clip, clip_name = build_clip(a, comps)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from torch import Tensor
 
 from src.evaluation import prompts as bp
 from src.evaluation.identities import BenchIdentity
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,15 +93,30 @@ def load_job(job: Job, root: Path, n: int) -> tuple[list[np.ndarray], list[Tenso
     if not all(p.is_file() for p in paths):
         return None
     routing = None
-    if job.protocol == "multi":
-        rp = job.routing_path(root)
-        if not rp.is_file():
-            return None
-        from safetensors.torch import load_file
+    current = paths[0]
+    try:
+        if job.protocol == "multi":
+            current = job.routing_path(root)
+            if not current.is_file():
+                return None
+            from safetensors.torch import load_file
 
-        state = load_file(str(rp))
-        routing = [state[k] for k in sorted(state)]
-    return [np.asarray(Image.open(p).convert("RGB")) for p in paths], routing
+            state = load_file(str(current))
+            routing = [state[k] for k in sorted(state)]
+        images = []
+        for current in paths:
+            images.append(np.asarray(Image.open(current).convert("RGB")))
+    except Exception as err:  # a file cut short by a kill before writes were atomic, or damaged since
+        log.warning("%s: unreadable (%s); generating this job again", current, err)
+        return None
+    return images, routing
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` to a temporary file renamed over `path`: a kill leaves the old file or none, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def generate_job(pipe: Any, job: Job, identities: list[Any], root: Path, n: int, gen: dict[str, Any]) -> tuple[
@@ -118,7 +137,7 @@ def generate_job(pipe: Any, job: Job, identities: list[Any], root: Path, n: int,
     job.folder(root).mkdir(parents=True, exist_ok=True)
     images = []
     for i, img in enumerate(out.images):
-        img.save(job.image_path(root, i))
+        _write_atomic(job.image_path(root, i), lambda tmp, img=img: img.save(tmp, format="PNG"))
         images.append(np.asarray(img.convert("RGB")))
     routing = None
     if job.protocol == "multi":
@@ -126,6 +145,6 @@ def generate_job(pipe: Any, job: Job, identities: list[Any], root: Path, n: int,
 
         maps = out.routing_maps or []
         state = {f"{j:03d}_{m.name}": m.hard.float().contiguous() for j, m in enumerate(maps)}
-        save_file(state, str(job.routing_path(root)))
+        _write_atomic(job.routing_path(root), lambda tmp: save_file(state, str(tmp)))
         routing = [state[k] for k in sorted(state)]
     return images, routing

@@ -8,6 +8,10 @@ routing.py  RoutingAccuracy (overall and per timestep band)
 identity.py nearest_neighbour_identification (how much identity embeddings/tokens carry),
             other_identity_partners (the identity probe's "another person")
 fid.py      fid_metric (torchmetrics FID, offline), TorchvisionInceptionFeatures
+
+RANK_LOCAL: the keyword arguments of a metric computed on one rank only (the training callbacks measure on rank
+0): torchmetrics would otherwise gather its state from every rank at `compute()`, a collective the other ranks
+never join (a DDP run hangs there).
 """
 from src.metrics.clip import ClipScore, load_open_clip
 from src.metrics.face import FaceScore, FaceSimilarity, greedy_match, image_face_score
@@ -16,8 +20,11 @@ from src.metrics.identity import nearest_neighbour_identification, other_identit
 from src.metrics.multi_id import MultiIdentityMetrics, MultiIdScore, hungarian_match, multi_id_score
 from src.metrics.routing import BAND_NAMES, RoutingAccuracy
 
+RANK_LOCAL = {"sync_on_compute": False}
+
 __all__ = [
     "BAND_NAMES",
+    "RANK_LOCAL",
     "ClipScore",
     "FaceScore",
     "FaceSimilarity",

@@ -264,6 +264,10 @@ def test_stage1_runs_the_splits_unrouted(tiny_world, checkpoints, tmp_path):
     again = run_eval(tiny_world, checkpoints["stage1"], out, *opts)
     assert again["reused_calls"] == 2 and again["generated_calls"] == 0
     assert again["multi"]["3"]["face_sim"] == pytest.approx(res["multi"]["3"]["face_sim"])
+    maps[0].write_bytes(maps[0].read_bytes()[:40])  # a cached file cut short: that job is generated again
+    third = run_eval(tiny_world, checkpoints["stage1"], out, *opts)
+    assert third["reused_calls"] == 1 and third["generated_calls"] == 1
+    assert third["multi"]["3"]["face_sim"] == pytest.approx(res["multi"]["3"]["face_sim"])
 
 
 def test_missing_default_checkpoint_tells_to_run_make_demo(tiny_world, tmp_path, monkeypatch, capsys):

@@ -138,13 +138,15 @@ def test_ddp_stage_switch_keeps_the_replicas_in_step_and_validates_on_one_shard(
     routers' random init already differs: each rank has its own seed).
 
     Validation reads one shard: both ranks take part (split by sample) and log the same all-rank means. Split
-    by shard, rank 1 had no batch and the run hung at the first validation's metric sync."""
+    by shard, rank 1 had no batch and the run hung at the first validation's metric sync. The routing maps are
+    measured on rank 0 alone, at step 3: its metric must not gather from the other rank."""
     multi = str(tiny_world / "data" / "multi" / "train-{000000..000003}.tar")
-    heldout = tiny_world / "data" / "heldout" / "single_seen-000000.tar"
+    heldout = tiny_world / "data" / "heldout" / "multi_seen-000000.tar"
     cbs = callbacks_arg(("callbacks.stage_switch.StageSwitch", {"at_step": 2, "multi_id_shards": multi}),
                         ("callbacks.reliability.ResumableRNG", {"seed": 0}),
                         ("tests.reliability.helpers.KeyLog", {"dir": str(tmp_path / "keys")}),
-                        ("tests.reliability.helpers.RankAdapters", {"dir": str(tmp_path / "ranks")}))
+                        ("tests.reliability.helpers.RankAdapters", {"dir": str(tmp_path / "ranks")}),
+                        ("callbacks.routing_maps.RoutingMapLogger", {"every_n_steps": 3, "num_images": 2}))
     done = run_cli([*fit_args(tiny_world, tmp_path / "ddp"), cbs, "--data.epoch_length=2", "--data.batch_size=2",
                     "--trainer.max_steps=4", "--trainer.enable_checkpointing=false", "--trainer.strategy=ddp",
                     "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.check_val_every_n_epoch=1",
@@ -161,5 +163,6 @@ def test_ddp_stage_switch_keeps_the_replicas_in_step_and_validates_on_one_shard(
     assert routed and set(r0["state"]) == set(r1["state"])
     for k, v in r0["state"].items():
         assert torch.equal(r1["state"][k], v), f"{k} differs between the DDP ranks"
+    assert "routing/acc_all" in r0["metrics"] and "routing/acc_all" not in r1["metrics"]
     for k in ("val/loss_own_id", "val/loss_other_id"):
         assert r0["metrics"][k] == r1["metrics"][k] and math.isfinite(r0["metrics"][k]), k
