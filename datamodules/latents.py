@@ -64,7 +64,7 @@ from datamodules.buckets import Bucket, training_frame
 from datamodules.schema import LATENT_KEY, CachedLatent, Sample, SampleError, decode_sample, encode_latent
 from datamodules.transforms import Window, centre_window, crop_window
 from src.conventions import uint8_to_unit, vae_latents
-from src.paths import is_local, settings_diff, write_json_atomic
+from src.paths import changed_settings, is_local, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _load_manifest(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
         manifest["shards"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: unreadable latent cache manifest ({e}); remove it to start over") from e
-    diffs = settings_diff(old, settings, CONTENT_SETTINGS)
+    diffs = changed_settings(old, settings, CONTENT_SETTINGS)
     if diffs:
         raise ValueError(f"{path}: settings differ from the run that made this directory ({diffs}); use a new --out")
     if old.get("vae") != settings["vae"]:

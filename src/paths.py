@@ -26,7 +26,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], keys: Iterable[str]) -> str:
+def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any], keys: Iterable[str]) -> str:
     """The `keys` whose values differ, as "key: old -> new, ..." ("" when none): what a re-run into a
     directory made with other settings is refused with."""
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))

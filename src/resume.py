@@ -36,6 +36,10 @@ UNCOMPARED = frozenset({
     "model.compile_mode", "model.feature_cache", "model.max_nonfinite_steps",
     "data.val_shards", "data.pin_memory", "data.prefetch_factor",
 })
+# Given on the command line or in the config, these model settings hold on an explicit resume too (LightningCLI
+# would build the model from the checkpoint's hyperparameters): the uncompared speed, memory and safety options,
+# and `init_from`, whose weights the restored checkpoint replaces (its file may be gone by then).
+KEPT_ON_RESUME = tuple(sorted(k for k in UNCOMPARED if k.startswith("model."))) + ("model.init_from",)
 TRAINER_SETTINGS = ("precision", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
                     "limit_train_batches")
 STEERING_CALLBACKS = ("callbacks.reliability.ResumableRNG", "callbacks.stage_switch.StageSwitch")

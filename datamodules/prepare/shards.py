@@ -14,7 +14,7 @@ import webdataset as wds
 from datamodules.prepare.config import LEGACY_SETTINGS, PrepareConfig, PrepareError
 from datamodules.prepare.image import REASONS, Outcome
 from datamodules.schema import encode_sample
-from src.paths import settings_diff
+from src.paths import changed_settings
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -34,7 +34,7 @@ def load_manifest(out: Path, cfg: PrepareConfig) -> dict:
     except ValueError as e:
         raise PrepareError(f"{path}: unreadable manifest ({e}); remove it to start over") from e
     old, new = {**LEGACY_SETTINGS, **manifest.get("settings", {})}, cfg.content_settings()
-    diffs = settings_diff(old, new, sorted(set(old) | set(new)))
+    diffs = changed_settings(old, new, sorted(set(old) | set(new)))
     if diffs:
         raise PrepareError(f"{path}: settings differ from the run that made this directory ({diffs}); use a new --out")
     return manifest

@@ -23,7 +23,14 @@ from lightning.pytorch.cli import LightningCLI
 
 from callbacks.reliability import RunSettings
 from src.config import expand_config_args
-from src.resume import ResumeSettingsError, choose_resume, model_settings, run_settings, warn_replaced_model_settings
+from src.resume import (
+    KEPT_ON_RESUME,
+    ResumeSettingsError,
+    choose_resume,
+    model_settings,
+    run_settings,
+    warn_replaced_model_settings,
+)
 
 
 class UniPortraitCLI(LightningCLI):
@@ -49,11 +56,16 @@ class UniPortraitCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's own step: with `--ckpt_path FILE`, the model section of the config is replaced by the
-        checkpoint's hyperparameters. Say which given model settings that replaced."""
+        checkpoint's hyperparameters. The given settings that cannot change the trajectory (`KEPT_ON_RESUME`:
+        speed and memory options, a safety stop, `init_from`, whose weights the checkpoint replaces) are put
+        back; say which other given settings the checkpoint replaced."""
         sub = self.config.get("subcommand")
         given = model_settings(self.config[sub]) if sub else {}
         super()._parse_ckpt_path()
         if sub:
+            for key in KEPT_ON_RESUME:
+                if key in given:
+                    self.config[sub][key] = given[key]
             warn_replaced_model_settings(self.config[sub].get("ckpt_path"), given, model_settings(self.config[sub]))
 
     def before_fit(self) -> None:

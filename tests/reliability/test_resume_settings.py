@@ -87,10 +87,14 @@ def test_checkpoint_without_stored_settings_is_not_resumed(leftover, tiny_world,
 def test_explicit_ckpt_path_resumes_even_when_settings_differ(leftover, tiny_world, tmp_path, caplog):
     last = copy_of(leftover, tmp_path)
     with caplog.at_level(logging.INFO, logger="src.resume"):
-        cli = main(args(tiny_world, tmp_path, 3, "--model.lr=5e-3", "--data.shuffle_buffer=8", f"--ckpt_path={last}"))
+        cli = main(args(tiny_world, tmp_path, 3, "--model.lr=5e-3", "--data.shuffle_buffer=8", f"--ckpt_path={last}",
+                        "--model.gradient_checkpointing=true", "--model.max_nonfinite_steps=3"))
     assert cli.trainer.global_step == 3
     # LightningCLI builds the model from the checkpoint's hyperparameters: the given lr is replaced, and said so
     assert "model.lr: 0.005 (given) -> 0.001 (checkpoint)" in caplog.text
+    # options that leave the trajectory alone hold as given (a smaller GPU resuming with checkpointing on)
+    assert cli.model.hparams.gradient_checkpointing is True and cli.model.hparams.max_nonfinite_steps == 3
+    assert "gradient_checkpointing" not in caplog.text
     assert "data.shuffle_buffer: 16 -> 8" in caplog.text
 
 
