@@ -66,7 +66,15 @@ def uint8_to_unit(x: np.ndarray) -> torch.Tensor:
 
 def vae_latents(vae: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> the latents the UNet sees: posterior mode (deterministic) times the
-    VAE's scaling factor, (B, C, H/f, W/f). Training and the latent cache both use this."""
+    VAE's scaling factor, (B, C, H/f, W/f). Training and the latent cache both use this.
+
+    A VAE whose config sets `force_upcast` (SDXL's overflows in float16) encodes outside a float16 autocast
+    (Lightning's `16-mixed`), in its own dtype: `src.precision.cast_frozen` keeps such a VAE in fp32."""
+    device = image.device.type
+    if getattr(vae.config, "force_upcast", False) and torch.is_autocast_enabled(device) \
+            and torch.get_autocast_dtype(device) == torch.float16:
+        with torch.autocast(device, enabled=False):
+            return vae.encode(image.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
     return vae.encode(image).latent_dist.mode() * vae.config.scaling_factor
 
 

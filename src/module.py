@@ -80,9 +80,9 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
         adds routers and a LoRA, which recompiles once.
     compile_backend / compile_mode: passed to `torch.compile` ("inductor" needs a C++ compiler on
         the CPU; "aot_eager" does not).
-    frozen_dtype: "bfloat16" or "float16" stores the frozen base networks (UNet base weights, VAE, text
-        encoder, face backbone, CLIP tower) in that dtype, the trained adapters in fp32, and runs the module's
-        forwards under autocast (src/precision.py); "float32" (default) keeps everything fp32.
+    frozen_dtype: "bfloat16" or "float16" stores the frozen base networks (UNet, VAE (a `force_upcast` one stays
+        fp32 in float16), text encoder, face backbone, CLIP tower) in that dtype, the adapters in fp32, runs the
+        module's forwards under autocast (src/precision.py); "float32" (default) keeps everything fp32.
     feature_cache: memoise the frozen face-backbone and CLIP features of up to this many faces, keyed
         by the batch's `face_digest` (0: off). A sample seen again skips both encoders (a third of the
         tiny stage-2 step, `make bench`). Memory per face is logged at the start; at SD1.5 scale (ViT-H

@@ -29,10 +29,13 @@ def parse_frozen_dtype(name: str) -> torch.dtype:
 
 def cast_frozen(modules: Iterable[nn.Module], dtype: torch.dtype) -> None:
     """Cast the frozen base networks' floating parameters and buffers to `dtype`, in place (before the
-    adapters are installed: `adapters_to` then lifts whatever copied the base dtype)."""
+    adapters are installed: `adapters_to` then lifts whatever copied the base dtype). A VAE whose config
+    sets `force_upcast` stays fp32 under float16 (bfloat16 has fp32's range: cast)."""
     if dtype == torch.float32:
         return
     for m in modules:
+        if dtype == torch.float16 and getattr(getattr(m, "config", None), "force_upcast", False):
+            continue  # a VAE that overflows in float16 (SDXL's, its config says so) stays fp32
         m.to(dtype=dtype)
 
 

@@ -199,6 +199,19 @@ def test_frozen_weights_in_bf16_keep_the_adapters_fp32_and_the_loss_close(tiny_w
         make_module(tiny_world, frozen_dtype="bf16")
 
 
+def test_a_force_upcast_vae_encodes_in_fp32_under_float16(tiny_world):
+    """SDXL's VAE overflows in float16 and its config says `force_upcast`: with `frozen_dtype: float16` it stays
+    fp32 (the other frozen networks go fp16), and under Lightning's `16-mixed` autocast it still encodes in fp32:
+    the latents equal the fp32 model's."""
+    m = make_module(tiny_world, frozen_dtype="float16")
+    assert m.vae.config.force_upcast and m.vae.dtype == torch.float32 and m.unet.conv_in.weight.dtype == torch.float16
+    image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain = make_module(tiny_world).encode_images(image)
+    with torch.autocast("cpu", dtype=torch.float16):
+        mixed = m.encode_images(image)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+
+
 def test_noise_is_added_in_fp32_under_a_bf16_frozen_base(tiny_world):
     """With bf16 latents (`frozen_dtype: bfloat16`), the noisy latents are still sqrt(a_t) x + sqrt(1 - a_t) e
     computed in fp32: in bf16 the noise level of the first timesteps rounds away (t = 0, 1 returned x itself)."""
