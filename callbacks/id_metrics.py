@@ -80,7 +80,9 @@ class IdentityMetrics(L.Callback):
     val_id/clip_i[_own_tower], and in stage 2 val_id/routing_acc (+ val_id/face_count_ok,
     val_id/duplicate_rate on multi-face samples). On a multi-ID batch (`is_multi_id`) also every key of
     `src.metrics.MultiIdentityMetrics` as val_id/multi/<key> (sim_matched, sim_mht, leakage, id_conf,
-    count_acc, duplicate_rate, face_sim, no_face_rate, num_images), a nan mean left out.
+    count_acc, duplicate_rate, face_sim, no_face_rate, num_images), a nan mean left out. An image one of whose
+    references shows no face the recogniser finds is left out of the face figures and counted as
+    val_id/unscored_images (the face figures are not logged when no image was scored).
     """
 
     def __init__(
@@ -186,19 +188,23 @@ class IdentityMetrics(L.Callback):
         multi = MultiIdentityMetrics(**RANK_LOCAL) if is_multi_id(batch) else None
         model, preprocess, clip_key = self.clip(pl_module)
         clip = ClipScore(model, preprocess, **RANK_LOCAL)
+        scored, unscored = 0, 0
         for b, array in enumerate(images_to_uint8(images)):
             slots = valid[b].nonzero().flatten().tolist()
             refs = [self.reference_embedding(rec, batch["face_recog"][b, n]) for n in slots]
-            refs = [r for r in refs if r is not None]
-            if refs:
+            if refs and all(r is not None for r in refs):
                 faces, _boxes = rec.embed_faces(array)  # (K, D) largest first, (K, 4)
                 ref_matrix = as_reference_matrix(refs)  # (R, D), L2-normalised
                 face.add_score(image_face_score(faces, ref_matrix))
                 if multi is not None:
                     multi.add_score(multi_id_score(faces, ref_matrix))
+                scored += 1
+            else:  # a reference the recogniser finds no face in: scoring the others alone would flatter the image
+                unscored += 1
             clip.update(images[b : b + 1].expand(len(slots), -1, -1, -1),
                         references=batch["face_clip"][b, slots].cpu())
-        out = {f"val_id/{k}": float(v) for k, v in face.compute().items()}
+        out = {f"val_id/{k}": float(v) for k, v in face.compute().items()} if scored else {}
+        out["val_id/unscored_images"] = float(unscored)
         out[clip_key] = float(clip.compute()["clip_i"]) / 100
         if multi is not None and int(multi.num_images) > 0:
             # a mean no image contributed to (sim_matched with no face found, leakage with no unmatched

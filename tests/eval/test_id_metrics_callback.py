@@ -142,6 +142,18 @@ def test_face_sim_scores_each_image_against_its_own_references(tiny_world, monke
     assert own["val_id/face_sim"] > wrong["val_id/face_sim"]
     assert own["val_id/clip_i_own_tower"] > wrong["val_id/clip_i_own_tower"]
     assert not multi_values(own)  # a single-ID batch: no multi-person metrics
+    assert own["val_id/unscored_images"] == 0
+
+    # a reference the recogniser finds no face in: that image is left out and counted, not scored on the rest
+    embed = cb.reference_embedding
+    first = batch["face_recog"][0, 0].data_ptr()
+    monkeypatch.setattr(cb, "reference_embedding",
+                        lambda rec, crop: None if crop.data_ptr() == first else embed(rec, crop))
+    one_lost = measure_with(batch["image"])
+    assert one_lost["val_id/unscored_images"] == 1 and "val_id/face_sim" in one_lost
+    monkeypatch.setattr(cb, "reference_embedding", lambda rec, crop: None)
+    all_lost = measure_with(batch["image"])
+    assert all_lost["val_id/unscored_images"] == 4 and "val_id/face_sim" not in all_lost
 
 
 def test_multi_id_metrics_score_each_image_against_its_own_references(tiny_world, monkeypatch):
