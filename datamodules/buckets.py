@@ -50,6 +50,9 @@ def resolve_buckets(spec: str | Sequence[Sequence[int]] | None) -> tuple[Bucket,
     for b in spec:
         if len(b) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in b):
             raise ValueError(f"data.buckets: {list(b)!r} is not a bucket [h, w] of two positive integers")
+        if b[0] % 8 or b[1] % 8:
+            raise ValueError(f"data.buckets: {list(b)!r} has a side that is not a multiple of 8 (the VAE's "
+                             "downsampling; the SD1.5 and SDXL UNets need multiples of 64)")
         buckets.append((int(b[0]), int(b[1])))
     if not buckets:
         raise ValueError("data.buckets is an empty list; give at least one [h, w] (or null for square crops)")

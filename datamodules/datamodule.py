@@ -88,6 +88,13 @@ class FaceShardDataModule(pl.LightningDataModule):
         super().__init__()
         if max_faces < 1:
             raise ValueError(f"max_faces={max_faces} must be >= 1")
+        if resolution < 8 or resolution % 8:
+            raise ValueError(f"resolution={resolution} must be a positive multiple of 8 (the VAE's downsampling; "
+                             "the SD1.5 and SDXL UNets need multiples of 64)")
+        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                   ("shuffle_buffer", shuffle_buffer, 0)):
+            if value < least:
+                raise ValueError(f"{name}={value} must be >= {least}")
         if not 0.0 <= p_other_reference <= 1.0:
             raise ValueError(f"p_other_reference={p_other_reference} must be in [0, 1]")
         if epoch_length is not None and epoch_length < 1:

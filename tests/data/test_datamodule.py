@@ -336,6 +336,18 @@ def test_loader_options_reach_the_dataloader_and_keep_the_batches(data: dict) ->
         make_dm(data["single"], num_workers=0, prefetch_factor=4)
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("resolution", 500, "resolution=500 must be a positive multiple of 8"),
+    ("batch_size", 0, "batch_size=0 must be >= 1"),
+    ("num_workers", -1, "num_workers=-1 must be >= 0"),
+    ("shuffle_buffer", -1, "shuffle_buffer=-1 must be >= 0"),
+    ("buckets", [[1000, 1001]], r"\[1000, 1001\] has a side that is not a multiple of 8"),
+])
+def test_values_that_cannot_train_are_refused_naming_them(data: dict, option: str, value, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_dm(data["single"], **{option: value})
+
+
 def test_face_digest_fingerprints_each_face_by_its_crops(data: dict) -> None:
     """`face_digest`: one non-zero fingerprint per face (0 in padded slots), the same for the same face in
     another epoch and order, different for different faces and for a crop that changes by one pixel."""
