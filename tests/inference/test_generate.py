@@ -132,13 +132,14 @@ def test_face_less_photo_exits_nonzero_naming_the_file(world: dict, tmp_path: Pa
 
 
 
+def must_not_load(*args, **kwargs):
+    raise AssertionError("weights were loaded before the inputs were checked")
+
+
 @pytest.mark.parametrize("flag", ["--face", "--face-crop", "--mask"])
 def test_non_image_input_is_an_error_naming_it_before_any_weights_load(
     world: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, flag: str
 ) -> None:
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("weights were loaded before the inputs were checked")
-
     monkeypatch.setattr(generate, "load_weights", must_not_load)
     notes = tmp_path / "notes_not_a_photo.jpg"
     notes.write_text("these are meeting notes, not a JPEG")
@@ -155,9 +156,6 @@ def test_non_image_input_is_an_error_naming_it_before_any_weights_load(
 def test_bad_face_crops_are_errors_naming_them_before_any_weights_load(
     world: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("weights were loaded before the inputs were checked")
-
     monkeypatch.setattr(generate, "load_weights", must_not_load)
     wide = tmp_path / "wide_crop.png"
     Image.fromarray(np.zeros((90, 112, 3), np.uint8)).save(wide)

@@ -188,13 +188,8 @@ def test_export_cli_writes_the_released_layout_that_generates_identically(world:
     assert np.array_equal(image_array(_run(back, [ID_A]).images), image_array(_run(pipe, [ID_A]).images))
 
 
-def test_export_records_a_non_released_head_width_or_says_how_to_load_it(world: dict, pipe: UniPortraitPipeline,
-                                                                       tmp_path: Path, caplog) -> None:
-    """The tiny Q-Former's head width is 16, not the released 64, and no tensor shape tells it: the
-    `.safetensors` export records it, so loading needs no `--dim-head` and gives the checkpoint's identity
-    tokens; the `.bin` export (which cannot record it) warns with the `--dim-head` to load it with."""
-    from src.cli import export
-    from src.inference import arch
+def stage2_checkpoint(world: dict, pipe: UniPortraitPipeline, tmp_path: Path) -> Path:
+    """`pipe`'s adapters as a stage-2 checkpoint of ours (tmp_path/stage2.ckpt), its components in tmp_path/c.yaml."""
     from tests.helpers import write_components_yaml
 
     write_components_yaml(world["paths"], tmp_path / "c.yaml")
@@ -203,6 +198,18 @@ def test_export_records_a_non_released_head_width_or_says_how_to_load_it(world: 
     ckpt = tmp_path / "stage2.ckpt"
     torch.save({"state_dict": state, "uniportrait": {"stage": 2, "format": 1},
                 "hyper_parameters": {"lora_rank": RANK, "qformer": {"dim_head": 16, "heads": 4}}}, ckpt)
+    return ckpt
+
+
+def test_export_records_a_non_released_head_width_or_says_how_to_load_it(world: dict, pipe: UniPortraitPipeline,
+                                                                       tmp_path: Path, caplog) -> None:
+    """The tiny Q-Former's head width is 16, not the released 64, and no tensor shape tells it: the
+    `.safetensors` export records it, so loading needs no `--dim-head` and gives the checkpoint's identity
+    tokens; the `.bin` export (which cannot record it) warns with the `--dim-head` to load it with."""
+    from src.cli import export
+    from src.inference import arch
+
+    ckpt = stage2_checkpoint(world, pipe, tmp_path)
     common = ["--checkpoint", str(ckpt), "--components", str(tmp_path / "c.yaml")]
     files = export.main([*common, "--out", str(tmp_path / "st"), "--safetensors"])
     assert [arch.file_metadata(f) for f in files] == [{"dim_head": "16"}] * 2
@@ -220,14 +227,8 @@ def test_export_float16_halves_the_files_and_loads_back_the_rounded_weights(worl
     """`--dtype float16` (the released files' dtype): every floating tensor is fp16, the files are about half the
     float32 size, and loading them back gives exactly the fp16-rounded weights."""
     from src.cli import export
-    from tests.helpers import write_components_yaml
 
-    write_components_yaml(world["paths"], tmp_path / "c.yaml")
-    state = {f"identity.embedding.{k}": v for k, v in pipe.identity.embedding.state_dict().items()}
-    state.update({f"unet.{k}": v for k, v in adapters.adapter_state_dict(pipe.pipe.unet).items()})
-    ckpt = tmp_path / "stage2.ckpt"
-    torch.save({"state_dict": state, "uniportrait": {"stage": 2, "format": 1},
-                "hyper_parameters": {"lora_rank": RANK, "qformer": {"dim_head": 16, "heads": 4}}}, ckpt)
+    ckpt = stage2_checkpoint(world, pipe, tmp_path)
     common = ["--checkpoint", str(ckpt), "--components", str(tmp_path / "c.yaml")]
     full = export.main([*common, "--out", str(tmp_path / "fp32")])
     half = export.main([*common, "--out", str(tmp_path / "fp16"), "--dtype", "float16"])
