@@ -4,7 +4,7 @@ At SD1.5 scale the VAE encoder at 512 px costs more than the UNet's LoRA trainin
 deterministic (posterior mode), so each image is encoded once here instead of every epoch:
 
     python -m datamodules.latent_cache --shards 'data/single/{000000..000499}.tar' \\
-        --vae weights/realistic-vision-v5.1 --resolution 512 --out data/single_latents
+        --vae weights/stable-diffusion-v1-5 --resolution 512 --out data/single_latents
 
 or, for SDXL's aspect-ratio buckets (`datamodules.buckets`), ``--buckets sdxl_1024`` (or a list such as
 ``1024x1024,896x1152``) in place of ``--resolution``. It writes, for every input shard, a shard of the same
