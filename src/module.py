@@ -123,13 +123,13 @@ class UniPortraitModule(ProbesMixin, L.LightningModule):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         if gumbel_tau_end is not None:
             schedule_tau(0, gumbel_tau, gumbel_tau_end, gumbel_tau_steps, gumbel_tau_mode)  # validates the values
-        scales = {"lora_lr_scale": lora_lr_scale, "id_embedding_lr_scale": id_embedding_lr_scale,
-                  "stage2_lora_lr_scale": stage2_lora_lr_scale}
-        for name, value in scales.items():
-            if value < 0:
-                raise ValueError(f"model.{name} must be >= 0 (a learning-rate multiplier), got {value}")
-        if feature_cache < 0:
-            raise ValueError(f"model.feature_cache must be >= 0 (faces to cache, 0 = off), got {feature_cache}")
+        inf = float("inf")  # allowed ranges: lr multipliers, faces to cache (0 = off), a probability
+        ranges = {"lora_lr_scale": (lora_lr_scale, inf), "id_embedding_lr_scale": (id_embedding_lr_scale, inf),
+                  "stage2_lora_lr_scale": (stage2_lora_lr_scale, inf), "feature_cache": (feature_cache, inf),
+                  "p_drop_face": (p_drop_face, 1.0)}
+        for name, (value, high) in ranges.items():
+            if not 0 <= value <= high:
+                raise ValueError(f"model.{name} must be in [0, {high}], got {value}")
         self.save_hyperparameters(ignore=["components", "optimizer", "lr_scheduler", "qformer"])
         self.hparams["qformer"] = asdict(qformer)  # plain types: checkpoints load with weights_only=True
         self.optimizer_factory = optimizer

@@ -64,8 +64,10 @@ def test_stage1_group_learning_rates_follow_their_scales(tiny_world):
     assert lrs == pytest.approx({"id_embedding": 2e-4, "faceid_attention": 2e-3, "lora_single_id": 1e-3})
     opt = m.configure_optimizers()
     assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx(lrs)
-    with pytest.raises(ValueError, match="model.id_embedding_lr_scale must be >= 0"):
+    with pytest.raises(ValueError, match=r"model.id_embedding_lr_scale must be in \[0, inf\], got -0.1"):
         make_module(tiny_world, id_embedding_lr_scale=-0.1)
+    with pytest.raises(ValueError, match=r"model.p_drop_face must be in \[0, 1.0\], got 1.5"):
+        make_module(tiny_world, p_drop_face=1.5)
 
 
 def test_stage2_groups_freeze_id_embedding_and_scale_lora_lr(tiny_world):
@@ -481,5 +483,5 @@ def test_feature_cache_skips_the_frozen_encoders_and_leaves_the_loss_unchanged(t
     small = make_module(tiny_world, stage=2, feature_cache=2)
     small.shared_step(batch)
     assert len(small.identity.cache) == 2
-    with pytest.raises(ValueError, match="model.feature_cache must be >= 0"):
+    with pytest.raises(ValueError, match=r"model.feature_cache must be in \[0, inf\]"):
         make_module(tiny_world, feature_cache=-1)
