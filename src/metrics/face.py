@@ -67,13 +67,14 @@ def image_face_score(faces: Tensor, refs: Tensor) -> FaceScore:
     k, r = faces.shape[0], refs.shape[0]
     if k == 0:
         return FaceScore(0.0, 0, r, False)
-    sim = (faces.float() @ refs.float().to(faces.device).T).clamp_min(0)  # (K, R)
+    cosine = faces.float() @ refs.float().to(faces.device).T  # (K, R)
+    sim = cosine.clamp_min(0)
     if r == 1:
         return FaceScore(float(sim[0, 0]), k, r, False)  # largest face
     matched = [0.0] * r
     for _, j, s in greedy_match(sim):
         matched[j] = s
-    best = sim.argmax(dim=1)  # (K,) best reference of each face
+    best = cosine.argmax(dim=1)  # (K,) best reference of each face (unclamped: as multi_id_score's)
     duplicate = bool(torch.bincount(best, minlength=r).max() > 1)
     return FaceScore(min(matched), k, r, duplicate)
 

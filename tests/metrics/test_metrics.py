@@ -108,6 +108,19 @@ def test_duplicated_identity_is_counted():
     assert out["face_sim"] == pytest.approx(0.8)
 
 
+def test_a_stranger_is_not_counted_as_a_duplicate_of_the_first_reference():
+    """A face unlike every reference (cosines all negative) used to count as reference 0's (the argmax of
+    similarities clamped at 0); by the cosines it is closest to reference 1, so the image holds no duplicated
+    identity, as `multi_id_score` says too."""
+    from src.metrics import image_face_score, multi_id_score
+
+    refs = torch.stack([E[0], E[1]])
+    stranger = F.normalize(-(0.98 * E[0] + 0.2 * E[1]), dim=0)  # cosine -0.98 with reference 0, -0.2 with 1
+    faces = torch.stack([E[0], stranger])
+    assert not image_face_score(faces, refs).duplicate
+    assert not multi_id_score(faces, refs).duplicate
+
+
 def test_tensor_images_and_accumulation():
     metric = FaceSimilarity(StubRecognizer([E[0:1], E[1:2]]))
     x = torch.stack([torch.full((3, 8, 8), i / 127.5 - 1) for i in range(2)])  # (2, 3, 8, 8) in [-1, 1]
