@@ -19,6 +19,7 @@ are several references of that identity. A photo without a detectable face is an
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from src.cli import exit_status, run_or_exit
 from src.cli.weights import add_weight_options, load_weights
 from src.inference.io import read_identities, read_masks, save_outputs
 from src.inference.pipeline import SCHEDULERS
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +75,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         scheduler=args.scheduler, seed=args.seed, num_images=args.num_images, masks=masks, height=args.height,
         width=args.width, return_routing_maps=args.routing_maps, progress=True,
     )
+    if args.routing_maps and not out.routing_maps:
+        log.warning("--routing-maps: nothing was routed (no router in these weights, or --face-scale 0), so no "
+                    "routing map is written")
     return save_outputs(out, args.out)
 
 

@@ -81,6 +81,15 @@ def test_two_identities_end_to_end_with_routing_maps(world: dict, tmp_path: Path
     assert str(images[0]) in printed
 
 
+def test_routing_maps_asked_for_where_nothing_is_routed_say_so(world: dict, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "out"
+    args = _base_args(world, out) + ["--face-crop", str(world["crops"][0]), "--face-crop", str(world["crops"][1]),
+                                     "--routing-maps", "--face-scale", "0"]
+    with caplog.at_level("WARNING", logger="src.cli.generate"):
+        generate.main(args)  # face-ID attention off: the routers never run
+    assert "no routing map is written" in caplog.text and not (out / "routing").exists()
+
+
 def test_single_identity_with_several_reference_crops_and_base_model_override(
     world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
