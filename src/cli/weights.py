@@ -6,6 +6,7 @@ same flags as generate"). Not a command itself: no `main`, no console script.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import torch
@@ -40,6 +41,9 @@ def add_weight_options(p: argparse.ArgumentParser) -> None:
 
 def load_weights(args: argparse.Namespace) -> LoadedPipeline:
     """The pipeline the options of `add_weight_options` name, its LoRA merged with --fuse-lora."""
+    if args.fp16 and str(args.device).startswith("cpu"):
+        logging.getLogger(__name__).warning("--fp16 on --device cpu: half precision is for GPUs and runs slowly "
+                                            "on the CPU, if at all (drop --fp16)")
     loaded = load_pipeline(components=args.components, base_model=args.base_model, checkpoint=args.checkpoint,
                            released_faceid=args.released_faceid, released_router=args.released_router,
                            dim_head=args.dim_head, device=args.device,
